@@ -1,0 +1,1 @@
+"""The hybridmoe daemons and the ``hybridmoe`` command line."""

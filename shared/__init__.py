@@ -1,0 +1,1 @@
+"""Code that more than one hybridmoe service uses: checkpoints, models, formats, tokenizer."""

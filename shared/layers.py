@@ -1,0 +1,296 @@
+"""Building blocks shared by the model families: norms, RoPE, MLPs, routers, experts, the stack.
+
+Shape legend: B = batch, T = tokens, D = hidden size, H = query heads, K = key/value heads,
+Dh = head dim, E = routed experts, k = experts per token, I = expert intermediate size.
+
+Attention, the router and the routed experts are separate modules so that the engines can run
+the experts on the CPU kernels and the rest elsewhere. Weights are buffers, not parameters: these
+modules serve inference only.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from shared.checkpoint import CheckpointError, HFConfig
+from shared.quant import QuantWeight
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, weight: torch.Tensor, eps: float) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+# --- rotary position embedding ------------------------------------------------------------------
+
+
+def rope_parameters(cfg: HFConfig) -> dict:
+    """The RoPE settings, from ``rope_parameters`` (transformers >= 5) or ``rope_scaling`` +
+    ``rope_theta`` (the released checkpoints)."""
+    params = dict(cfg.get("rope_parameters", None, dict) or cfg.get("rope_scaling", None, dict) or {})
+    params.setdefault("rope_theta", cfg.get("rope_theta", 10000.0, (int, float)))
+    params["rope_type"] = params.get("rope_type", params.get("type", "default"))
+    if params["rope_type"] not in ("default", "yarn"):
+        raise cfg.fail(f"rope type {params['rope_type']!r} is not supported (supported: default, yarn)")
+    if params["rope_type"] == "yarn":
+        params.setdefault("original_max_position_embeddings", cfg.get("max_position_embeddings", None))
+        if not params.get("factor") or not params.get("original_max_position_embeddings"):
+            raise cfg.fail("yarn rope scaling needs 'factor' and 'original_max_position_embeddings'")
+    return params
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def rope_inv_freq(params: dict, dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies [dim/2] and the factor applied to cos/sin (YaRN's attention factor)."""
+    base = float(params["rope_theta"])
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    if params["rope_type"] == "default":
+        return inv_freq, 1.0
+    factor = float(params["factor"])
+    original = params["original_max_position_embeddings"]
+    mscale, mscale_all = params.get("mscale"), params.get("mscale_all_dim")
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        if mscale and mscale_all:
+            attention_factor = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all)
+        else:
+            attention_factor = yarn_mscale(factor)
+    beta_fast, beta_slow = params.get("beta_fast") or 32, params.get("beta_slow") or 1
+
+    def correction_dim(rotations: float) -> float:
+        return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp  # 1 where the frequency is kept as trained, 0 where interpolated
+    inv_freq = inv_freq / factor * (1 - extrapolation) + inv_freq * extrapolation
+    return inv_freq, float(attention_factor)
+
+
+class Rotary(nn.Module):
+    """cos/sin tables for given positions; ``interleaved`` pairs (x0, x1), (x2, x3)... (DeepSeek)
+    or halves (x[:d/2], x[d/2:]) (Llama-style)."""
+
+    def __init__(self, params: dict, dim: int, interleaved: bool) -> None:
+        super().__init__()
+        inv_freq, self.attention_factor = rope_inv_freq(params, dim)
+        self.register_buffer("inv_freq", inv_freq)
+        self.interleaved = interleaved
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[..., None] * self.inv_freq  # [..., Dh/2]
+        return (freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype)
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x [B, heads, T, Dr]; cos/sin [B or 1, T, Dr/2]. The output puts the rotated pairs in
+        halves whichever the input layout: dot products, hence attention, do not see the order."""
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        if self.interleaved:
+            x1, x2 = x[..., 0::2], x[..., 1::2]
+        else:
+            x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """q [B, H, T, Dh], k [B, H or K, T, Dh], v [B, H or K, T, Dv] -> [B, T, H * Dv]."""
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
+                                         enable_gqa=k.shape[1] != q.shape[1])
+    return out.transpose(1, 2).flatten(2)
+
+
+# --- feed-forward -------------------------------------------------------------------------------
+
+
+class DenseMLP(nn.Module):
+    """SiLU-gated MLP: dense layers and shared experts."""
+
+    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("gate", gate)  # [I, D]
+        self.register_buffer("up", up)  # [I, D]
+        self.register_buffer("down", down)  # [D, I]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+
+
+class SoftmaxTopKRouter(nn.Module):
+    """Softmax over all experts, then top-k (Mixtral, Qwen3-MoE)."""
+
+    def __init__(self, weight: torch.Tensor, top_k: int, norm_topk_prob: bool) -> None:
+        super().__init__()
+        self.register_buffer("weight", weight)  # [E, D]
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, D] -> expert ids [T, k] (int64), weights [T, k] (float32)."""
+        probs = F.softmax(F.linear(x, self.weight).float(), dim=-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        if self.norm_topk_prob:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights
+
+
+class RoutedExperts(nn.Module):
+    """One layer's routed experts, stacked: gate/up [E, I, D], down [E, D, I], in any format.
+
+    ``forward`` is the pure-torch reference: each chosen expert's weights are dequantized and
+    applied with ``F.linear``. The engines replace it with the CPU kernels' whole-layer call.
+    """
+
+    def __init__(self, gate: QuantWeight, up: QuantWeight, down: QuantWeight) -> None:
+        super().__init__()
+        self.num_experts = gate.shape[0]
+        self.fmt = gate.fmt
+        self._shapes = {}
+        for name, w in (("gate", gate), ("up", up), ("down", down)):
+            if w.fmt != self.fmt or w.shape[0] != self.num_experts:
+                raise ValueError(f"experts' {name} weight is {w.fmt} {w.shape}, gate is {gate.fmt} {gate.shape}")
+            # Buffers, so that .to(device) moves them; the format travels beside them.
+            self.register_buffer(f"{name}_data", w.data)
+            self.register_buffer(f"{name}_scale", w.scale)
+            self._shapes[name] = w.shape
+
+    def weight(self, name: str) -> QuantWeight:
+        """The stacked weight ``gate``, ``up`` or ``down``."""
+        return QuantWeight(self.fmt, getattr(self, f"{name}_data"), getattr(self, f"{name}_scale"),
+                           self._shapes[name])
+
+    def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(self.weight(name)[e].dequantize(dtype) for name in ("gate", "up", "down"))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """x [T, D], ids [T, k], weights [T, k] -> [T, D]."""
+        out = torch.zeros_like(x)
+        for e in ids.unique().tolist():
+            tok, slot = torch.where(ids == e)
+            gate, up, down = self.expert(e, x.dtype)
+            xe = x[tok]
+            ye = F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down)
+            out.index_add_(0, tok, (ye * weights[tok, slot, None]).to(x.dtype))
+        return out
+
+
+class MoE(nn.Module):
+    """Router + routed experts (+ shared experts)."""
+
+    def __init__(self, router: nn.Module, experts: RoutedExperts, shared: DenseMLP | None = None) -> None:
+        super().__init__()
+        self.router, self.experts, self.shared = router, experts, shared
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        ids, weights = self.router(flat)
+        out = self.experts(flat, ids, weights)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view_as(x)
+
+
+# --- the stack ----------------------------------------------------------------------------------
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, attn: nn.Module, ffn: nn.Module, input_norm: RMSNorm, post_norm: RMSNorm) -> None:
+        super().__init__()
+        self.attn, self.ffn = attn, ffn
+        self.input_norm, self.post_norm = input_norm, post_norm
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        h = x + self.attn(self.input_norm(x), positions)
+        return h + self.ffn(self.post_norm(h))
+
+
+class CausalLM(nn.Module):
+    """Embedding, decoder layers, final norm, LM head. ``forward`` runs the full sequence with no
+    cache: the reference that the engines' cached prefill and decode are checked against."""
+
+    def __init__(self, embed: torch.Tensor, layers: list[DecoderLayer], norm: RMSNorm,
+                 lm_head: torch.Tensor, args: object) -> None:
+        super().__init__()
+        self.register_buffer("embed", embed)  # [V, D]
+        self.layers = nn.ModuleList(layers)
+        self.norm = norm
+        self.register_buffer("lm_head", lm_head)  # [V, D]
+        self.args = args
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed.device
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """input_ids [B, T] (int64) -> logits [B, T, V] (float32)."""
+        if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor [batch, tokens], got "
+                             f"{input_ids.dtype} {list(input_ids.shape)}")
+        vocab = self.embed.shape[0]
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(f"token ids must lie in [0, {vocab}); got [{int(input_ids.min())}, "
+                             f"{int(input_ids.max())}]")
+        input_ids = input_ids.to(self.device)
+        positions = torch.arange(input_ids.shape[1], device=self.device).unsqueeze(0)
+        x = F.embedding(input_ids, self.embed)
+        for layer in self.layers:
+            x = layer(x, positions)
+        return F.linear(self.norm(x), self.lm_head).float()
+
+
+def check_divisible(cfg: HFConfig, a: str, b: str) -> None:
+    if cfg.get(a) % cfg.get(b):
+        raise CheckpointError(f"{cfg.path}: {a}={cfg.get(a)} is not a multiple of {b}={cfg.get(b)}")
+
+
+class GQAttention(nn.Module):
+    """Grouped-query attention with RoPE and optional per-head q/k RMSNorm (Qwen3)."""
+
+    def __init__(self, w: dict, prefix: str, heads: int, kv_heads: int, head_dim: int,
+                 rotary: Rotary, qk_norm_eps: float | None = None) -> None:
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.rotary = heads, kv_heads, head_dim, rotary
+        for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            self.register_buffer(n, w[f"{prefix}.{n}"])
+        self.q_norm = self.k_norm = None
+        if qk_norm_eps is not None:
+            self.q_norm = RMSNorm(w[f"{prefix}.q_norm.weight"], qk_norm_eps)
+            self.k_norm = RMSNorm(w[f"{prefix}.k_norm.weight"], qk_norm_eps)
+
+    def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [B, T, D] -> q [B, H, T, Dh], k and v [B, K, T, Dh], rope applied."""
+        q = F.linear(x, self.q_proj).unflatten(-1, (self.heads, self.head_dim))
+        k = F.linear(x, self.k_proj).unflatten(-1, (self.kv_heads, self.head_dim))
+        v = F.linear(x, self.v_proj).unflatten(-1, (self.kv_heads, self.head_dim))
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        q = self.rotary.apply(q.transpose(1, 2), cos, sin)
+        k = self.rotary.apply(k.transpose(1, 2), cos, sin)
+        return q, k, v.transpose(1, 2)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        q, k, v = self.qkv(x, positions)
+        return F.linear(causal_attention(q, k, v, self.head_dim**-0.5), self.o_proj)
