@@ -1,0 +1,117 @@
+"""The ``hybridmoe`` command line: one subcommand per tool or daemon."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from shared.checkpoint import CheckpointError
+
+
+def _cmd_make_model(args: argparse.Namespace) -> int:
+    from shared.make_model import PRESETS, describe, make_model
+
+    if args.list:
+        for name, (_, tokenizer, what) in PRESETS.items():
+            print(f"{name:18s} {what}")
+        return 0
+    if not args.preset or not args.out:
+        raise SystemExit("hybridmoe make-model: --preset and --out are required (or --list)")
+    t0 = time.perf_counter()
+    out = make_model(args.preset, args.out, layers=args.layers, quant=args.quant, seed=args.seed,
+                     max_shard_bytes=int(args.shard_gb * 2**30), progress=True)
+    print(f"{describe(out)}; written in {time.perf_counter() - t0:.1f} s")
+    return 0
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from shared.make_model import describe, quantize_checkpoint
+
+    out = quantize_checkpoint(args.model, args.out, args.quant, max_shard_bytes=int(args.shard_gb * 2**30),
+                              progress=True)
+    print(describe(out))
+    return 0
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
+    from shared.generate import demo_model_path, generate
+    from shared.model import DTYPES, load_model
+    from shared.tokenizer import Tokenizer
+
+    path = args.model or demo_model_path(progress=True)
+    if args.model is None:
+        print(f"[using the built-in demo model at {path}; its weights are random, so is its text]",
+              file=sys.stderr)
+    model = load_model(path, dtype=DTYPES[args.dtype] if args.dtype else None)
+    tokenizer = Tokenizer(path)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    t0 = time.perf_counter()
+    ids: list[int] = []
+    shown = ""
+    sys.stdout.write(args.prompt)
+    for token in generate(model, tokenizer, args.prompt, args.max_tokens, args.temperature, args.top_p,
+                          args.top_k, args.seed):
+        ids.append(token)
+        text = tokenizer.decode(ids)
+        if not text.endswith("\ufffd"):  # wait for the rest of a multi-byte character
+            sys.stdout.write(text[len(shown):])
+            sys.stdout.flush()
+            shown = text
+    elapsed = time.perf_counter() - t0
+    print(f"\n[{len(ids)} tokens in {elapsed:.2f} s, {len(ids) / elapsed:.1f} tok/s, reference loop]",
+          file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hybridmoe", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    m = sub.add_parser("make-model", help="write a random-weight checkpoint in the real Hugging Face format")
+    m.add_argument("--preset", help="model shape (see --list)")
+    m.add_argument("--out", help="output folder")
+    m.add_argument("--layers", type=int, help="number of decoder layers (default: the preset's)")
+    m.add_argument("--quant", default="bf16", choices=["bf16", "fp8", "int4", "int4_g32", "int4_g128"],
+                   help="bf16; fp8 (DeepSeek's released 128x128 block format); int4 (routed experts, "
+                        "groups of 128; int4_g32 for groups of 32)")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--shard-gb", type=float, default=4.0, help="largest safetensors shard, GiB")
+    m.add_argument("--list", action="store_true", help="list the presets")
+    m.set_defaults(fn=_cmd_make_model)
+
+    q = sub.add_parser("quantize", help="quantize a BF16 checkpoint's routed experts to FP8 or INT4")
+    q.add_argument("--model", required=True, help="BF16 checkpoint folder")
+    q.add_argument("--out", required=True, help="output folder")
+    q.add_argument("--quant", required=True, choices=["fp8", "int4", "int4_g32", "int4_g128"])
+    q.add_argument("--shard-gb", type=float, default=4.0)
+    q.set_defaults(fn=_cmd_quantize)
+
+    g = sub.add_parser("generate", help="generate text with the reference model (no server)")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--model", help="checkpoint folder (default: the built-in demo model)")
+    g.add_argument("--max-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 means greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype")
+    g.set_defaults(fn=_cmd_generate)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
+        print(f"hybridmoe {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
