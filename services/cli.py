@@ -13,7 +13,7 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
     from shared.make_model import PRESETS, describe, make_model
 
     if args.list:
-        for name, (_, tokenizer, what) in PRESETS.items():
+        for name, (_, _tokenizer, what) in PRESETS.items():
             print(f"{name:18s} {what}")
         return 0
     if not args.preset or not args.out:

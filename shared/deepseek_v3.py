@@ -20,8 +20,8 @@ from shared.layers import (
     DenseMLP,
     MoE,
     RMSNorm,
-    RoutedExperts,
     Rotary,
+    RoutedExperts,
     causal_attention,
     rope_parameters,
     yarn_mscale,
@@ -144,12 +144,14 @@ def weight_specs(a: Args) -> list[WeightSpec]:
             specs += _mlp_specs(m, a.intermediate_size, D, "intermediate_size")
             continue
         I = a.moe_intermediate_size
+        ex = "n_routed_experts, moe_intermediate_size, hidden_size"
         specs += [
             WeightSpec(f"{m}.gate", (E, D), "router", "n_routed_experts, hidden_size"),
             WeightSpec(f"{m}.gate.e_score_correction_bias", (E,), "bias", "n_routed_experts"),
-            WeightSpec(m + ".experts.{e}.gate_proj", (E, I, D), "experts", "n_routed_experts, moe_intermediate_size, hidden_size"),
-            WeightSpec(m + ".experts.{e}.up_proj", (E, I, D), "experts", "n_routed_experts, moe_intermediate_size, hidden_size"),
-            WeightSpec(m + ".experts.{e}.down_proj", (E, D, I), "experts", "n_routed_experts, hidden_size, moe_intermediate_size"),
+            WeightSpec(m + ".experts.{e}.gate_proj", (E, I, D), "experts", ex),
+            WeightSpec(m + ".experts.{e}.up_proj", (E, I, D), "experts", ex),
+            WeightSpec(m + ".experts.{e}.down_proj", (E, D, I), "experts",
+                       "n_routed_experts, hidden_size, moe_intermediate_size"),
         ]
         if a.n_shared_experts:
             specs += _mlp_specs(f"{m}.shared_experts", I * a.n_shared_experts, D,

@@ -18,8 +18,8 @@ from shared.layers import (
     GQAttention,
     MoE,
     RMSNorm,
-    RoutedExperts,
     Rotary,
+    RoutedExperts,
     SoftmaxTopKRouter,
     rope_parameters,
 )

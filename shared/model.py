@@ -30,7 +30,7 @@ def family_of(cfg: HFConfig) -> ModuleType:
         for fam in FAMILIES:
             if any(a in fam.ARCHITECTURES for a in architectures):
                 return fam
-    supported = ", ".join(f"{t} ({a})" for f in FAMILIES for t, a in zip(f.MODEL_TYPES, f.ARCHITECTURES))
+    supported = ", ".join(f"{t} ({a})" for f in FAMILIES for t, a in zip(f.MODEL_TYPES, f.ARCHITECTURES, strict=True))
     raise cfg.fail(f"model_type {model_type!r} (architectures {architectures}) is not supported; "
                    f"supported: {supported}")
 

@@ -1,0 +1,29 @@
+"""CPU feature detection and kernel-variant choice."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+import cython_kernels as ck
+
+
+def test_features_and_variant():
+    assert set(ck.CPU_FEATURES) == {"avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"}
+    assert ck.VARIANT in ck.supported_variants()
+    assert ck.supported_variants()[-1] == "generic"
+    none = dict.fromkeys(ck.CPU_FEATURES, False)
+    assert ck.supported_variants(none) == ["generic"]
+    assert ck.supported_variants({**none, "avx512f": True, "avx512bw": True, "avx2": True}) == [
+        "avx512", "avx2", "generic"]
+
+
+def test_forced_variant():
+    assert ck.choose_variant("generic") == "generic"
+    with pytest.raises(ValueError, match="not a kernel variant"):
+        ck.choose_variant("sse9")
+    out = subprocess.run([sys.executable, "-c", "import cython_kernels as k; print(k.VARIANT)"],
+                         env={"HYBRIDMOE_KERNEL": "generic", "PATH": ""}, capture_output=True, text=True)
+    assert out.stdout.strip() == "generic", out.stderr
