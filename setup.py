@@ -6,6 +6,11 @@ from setuptools import Extension, setup
 extensions = [
     Extension("cython_kernels._cpuinfo", ["cython_kernels/_cpuinfo.pyx"], include_dirs=["cython_kernels"],
               extra_compile_args=["-O2"]),
+    # -O3 without -march: the AVX-512 code is compiled per function through target attributes
+    # and chosen at run time, so the build runs on any x86-64 and needs no special flags.
+    Extension("cython_kernels._kernels", ["cython_kernels/_kernels.pyx"], include_dirs=["cython_kernels"],
+              extra_compile_args=["-O3", "-fopenmp", "-Wno-unused-function"], extra_link_args=["-fopenmp"],
+              depends=["cython_kernels/gemv_generic.h", "cython_kernels/gemv_avx512.h", "cython_kernels/moe.h"]),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}))

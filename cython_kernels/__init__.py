@@ -1,7 +1,12 @@
-"""CPU kernels for the routed experts: variant detection and dispatch.
+"""CPU kernels for the routed experts: variant detection, dispatch and a checked Python API.
 
 The variant is chosen once, at import, from CPUID (``CPU_FEATURES``) and can be forced with the
-environment variable HYBRIDMOE_KERNEL. ``VARIANT`` names the one in use.
+environment variable HYBRIDMOE_KERNEL. ``VARIANT`` names the one in use:
+
+- ``avx512_bf16``: AVX-512 BW + VBMI + BF16 (Zen 4 and later, Sapphire Rapids and later).
+- ``generic``: portable C, for every other CPU (and as the reference the others are tested against).
+
+The API (``gemv``, ``moe_forward``, ``submit_moe``) lives in ``cython_kernels.api``.
 """
 
 from __future__ import annotations
@@ -9,18 +14,13 @@ from __future__ import annotations
 from cython_kernels._cpuinfo import cpu_features
 from shared import envs
 
-VARIANTS = ("avx512_bf16", "avx512", "avx2", "generic")  # best first
+VARIANTS = ("avx512_bf16", "generic")  # best first
 CPU_FEATURES: dict[str, bool] = cpu_features()
 
 
 def supported_variants(features: dict[str, bool] | None = None) -> list[str]:
     f = CPU_FEATURES if features is None else features
-    ok = {
-        "avx512_bf16": f["avx512bw"] and f["avx512_bf16"],
-        "avx512": f["avx512f"] and f["avx512bw"],
-        "avx2": f["avx2"],
-        "generic": True,
-    }
+    ok = {"avx512_bf16": f["avx512bw"] and f["avx512_bf16"] and f["avx512_vbmi"], "generic": True}
     return [v for v in VARIANTS if ok[v]]
 
 

@@ -14,5 +14,5 @@ def cache_dir() -> Path:
 
 
 def kernel_variant() -> str | None:
-    """HYBRIDMOE_KERNEL forces a CPU kernel variant (avx512_bf16, avx512, avx2, generic)."""
+    """HYBRIDMOE_KERNEL forces a CPU kernel variant (avx512_bf16, generic)."""
     return os.environ.get("HYBRIDMOE_KERNEL") or None

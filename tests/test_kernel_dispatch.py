@@ -11,13 +11,14 @@ import cython_kernels as ck
 
 
 def test_features_and_variant():
-    assert set(ck.CPU_FEATURES) == {"avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni"}
+    assert set(ck.CPU_FEATURES) == {"avx2", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx512_vbmi"}
     assert ck.VARIANT in ck.supported_variants()
     assert ck.supported_variants()[-1] == "generic"
     none = dict.fromkeys(ck.CPU_FEATURES, False)
     assert ck.supported_variants(none) == ["generic"]
-    assert ck.supported_variants({**none, "avx512f": True, "avx512bw": True, "avx2": True}) == [
-        "avx512", "avx2", "generic"]
+    assert ck.supported_variants({**none, "avx512f": True, "avx512bw": True, "avx512_bf16": True}) == ["generic"]
+    assert ck.supported_variants({**none, "avx512bw": True, "avx512_bf16": True, "avx512_vbmi": True}) == [
+        "avx512_bf16", "generic"]
 
 
 def test_forced_variant():

@@ -1,0 +1,68 @@
+# cython: language_level=3, boundscheck=False, wraparound=False
+"""Raw entry points into the C kernels. Pointers come in as integers from the checked Python API
+in cython_kernels.api; nothing here validates its input."""
+
+from libc.stdint cimport int64_t, uint8_t, uintptr_t
+
+
+cdef extern from "moe.h" nogil:
+    ctypedef struct hm_weight:
+        int fmt
+        int group
+        int64_t rows
+        int64_t cols
+        const uint8_t *data
+        const void *scale
+
+    void hm_init()
+    int hm_xp_elem(int variant)
+    void hm_gemv(int variant, const hm_weight *w, const float *x, int T, float *y, void *xp, int nthreads)
+    int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *up, const hm_weight *down,
+                       int64_t E, const float *x, int T, int k, const int64_t *ids, const float *wts,
+                       float *out, int nthreads)
+    void hm_pin_threads(const int *cpus, int n, int nthreads)
+
+hm_init()
+
+VARIANT_CODES = {"generic": 0, "avx512_bf16": 1}
+
+
+cdef hm_weight _weight(tuple w):
+    cdef hm_weight hw
+    hw.fmt, hw.group, hw.rows, hw.cols = w[0], w[1], w[2], w[3]
+    hw.data = <const uint8_t *> <uintptr_t> w[4]
+    hw.scale = <const void *> <uintptr_t> w[5]
+    return hw
+
+
+def xp_bytes_per_element(int variant):
+    return hm_xp_elem(variant)
+
+
+def gemv(int variant, tuple w, uintptr_t x, int T, uintptr_t y, uintptr_t xp, int nthreads):
+    """w = (fmt, group, rows, cols, data_ptr, scale_ptr)."""
+    cdef hm_weight hw = _weight(w)
+    with nogil:
+        hm_gemv(variant, &hw, <const float *> x, T, <float *> y, <void *> xp, nthreads)
+
+
+def moe_forward(int variant, tuple gate, tuple up, tuple down, int64_t E, uintptr_t x, int T, int k,
+                uintptr_t ids, uintptr_t wts, uintptr_t out, int nthreads):
+    cdef hm_weight g = _weight(gate), u = _weight(up), d = _weight(down)
+    cdef int rc
+    with nogil:
+        rc = hm_moe_forward(variant, &g, &u, &d, E, <const float *> x, T, k, <const int64_t *> ids,
+                            <const float *> wts, <float *> out, nthreads)
+    if rc != 0:
+        raise MemoryError("moe_forward: out of memory for its scratch buffers")
+
+
+def pin_threads(list cpus, int nthreads):
+    cdef int n = len(cpus)
+    cdef int buf[1024]
+    if n == 0 or n > 1024:
+        raise ValueError("pin_threads needs 1 to 1024 cpus")
+    for i in range(n):
+        buf[i] = cpus[i]
+    with nogil:
+        hm_pin_threads(buf, n, nthreads)

@@ -1,0 +1,179 @@
+"""The checked Python API over the C kernels.
+
+Every call checks dtypes, shapes, contiguity, alignment and expert ids and raises a clear
+``ValueError`` before any pointer reaches C. Weights are :class:`shared.quant.QuantWeight` in the
+canonical layout: ``dense`` (bfloat16), ``fp8_b128`` or ``int4_g32``/``int4_g128``, row-major
+``[out, in]`` (``[E, out, in]`` for a layer's experts), 64-byte aligned.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+import cython_kernels
+from cython_kernels import _kernels
+from shared.quant import QuantWeight, fp8_scale_shape, int4_group
+
+ALIGN = 64
+MAX_TOKENS = 64
+_FMT = {"dense": 0, "fp8_b128": 1, "int4_g32": 2, "int4_g128": 2}
+_DATA_DTYPE = {"dense": torch.bfloat16, "fp8_b128": torch.float8_e4m3fn, "int4_g32": torch.uint8,
+               "int4_g128": torch.uint8}
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def _variant_code(variant: str | None) -> int:
+    variant = variant or cython_kernels.VARIANT
+    if variant not in cython_kernels.supported_variants():
+        raise ValueError(f"kernel variant {variant!r} is not supported here; this CPU runs "
+                         f"{cython_kernels.supported_variants()}")
+    return _kernels.VARIANT_CODES[variant]
+
+
+def _check_weight(w: QuantWeight, what: str, stacked: bool) -> tuple:
+    """The weight as the C struct's tuple (fmt, group, rows, cols, data, scale) after checks."""
+    if not isinstance(w, QuantWeight):
+        raise ValueError(f"{what}: expected a QuantWeight, got {type(w).__name__}")
+    if w.fmt not in _FMT:
+        raise ValueError(f"{what}: format {w.fmt!r} has no CPU kernel")
+    want = 3 if stacked else 2
+    if len(w.shape) != want:
+        raise ValueError(f"{what}: expected a {'stacked [E, out, in]' if stacked else '[out, in]'} weight, "
+                         f"got shape {list(w.shape)}")
+    *lead, rows, cols = w.shape
+    d = w.data
+    if d.device.type != "cpu":
+        raise ValueError(f"{what}: weights must be in CPU memory, not on {d.device}")
+    if d.dtype != _DATA_DTYPE[w.fmt]:
+        raise ValueError(f"{what}: {w.fmt} data must be {_DATA_DTYPE[w.fmt]}, got {d.dtype}")
+    packed_cols = cols // 2 if w.fmt.startswith("int4") else cols
+    if tuple(d.shape) != (*lead, rows, packed_cols):
+        raise ValueError(f"{what}: data shape {list(d.shape)} does not match {w.fmt} of {list(w.shape)}")
+    if not d.is_contiguous():
+        raise ValueError(f"{what}: weight data must be contiguous (row-major)")
+    if d.data_ptr() % ALIGN:
+        raise ValueError(f"{what}: weight data must be {ALIGN}-byte aligned (address {d.data_ptr():#x})")
+    group, scale_ptr = 0, 0
+    if w.fmt == "fp8_b128":
+        _check_scale(w.scale, (*lead, *fp8_scale_shape(rows, cols)), torch.float32, what)
+        scale_ptr = w.scale.data_ptr()
+    elif w.fmt.startswith("int4"):
+        group = int4_group(w.fmt)
+        if cols % group:
+            raise ValueError(f"{what}: input size {cols} is not a multiple of the INT4 group {group}")
+        _check_scale(w.scale, (*lead, rows, cols // group), torch.bfloat16, what)
+        scale_ptr = w.scale.data_ptr()
+    return (_FMT[w.fmt], group, rows, cols, d.data_ptr(), scale_ptr)
+
+
+def _check_scale(s: torch.Tensor | None, shape: tuple, dtype: torch.dtype, what: str) -> None:
+    if s is None or tuple(s.shape) != tuple(shape) or s.dtype != dtype:
+        got = None if s is None else f"{s.dtype} {list(s.shape)}"
+        raise ValueError(f"{what}: scales must be {dtype} {list(shape)}, got {got}")
+    if not s.is_contiguous() or s.device.type != "cpu":
+        raise ValueError(f"{what}: scales must be contiguous CPU memory")
+
+
+def _activations(x: torch.Tensor, cols: int, what: str) -> torch.Tensor:
+    """x [T, cols] (or [cols]) fp32/bf16 -> a contiguous fp32 [T, cols] tensor."""
+    if x.dim() == 1:
+        x = x.unsqueeze(0)
+    if x.dim() != 2 or x.shape[1] != cols:
+        raise ValueError(f"{what}: activations must be [tokens, {cols}], got {list(x.shape)}")
+    if x.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"{what}: activations must be float32 or bfloat16, got {x.dtype}")
+    if x.device.type != "cpu":
+        raise ValueError(f"{what}: activations must be on the CPU, not {x.device}")
+    if not 1 <= x.shape[0] <= MAX_TOKENS:
+        raise ValueError(f"{what}: 1 to {MAX_TOKENS} tokens per call, got {x.shape[0]}")
+    return x.float().contiguous()
+
+
+def gemv(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = None, *, variant: str | None = None,
+         threads: int | None = None) -> torch.Tensor:
+    """y = x @ W^T for x [T, in] (T <= 64) and W [out, in]: returns y [T, out] float32.
+
+    The weights are read once whatever T; activations are rounded to bf16 for the products,
+    sums are fp32.
+    """
+    code = _variant_code(variant)
+    wt = _check_weight(w, "gemv weight", stacked=False)
+    rows, cols = w.shape
+    xf = _activations(x, cols, "gemv")
+    T = xf.shape[0]
+    if out is None:
+        out = torch.empty(T, rows, dtype=torch.float32)
+    elif out.shape != (T, rows) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"gemv: out must be a contiguous float32 [{T}, {rows}] tensor")
+    xp = torch.empty(T * cols * _kernels.xp_bytes_per_element(code), dtype=torch.uint8)
+    _kernels.gemv(code, wt, xf.data_ptr(), T, out.data_ptr(), xp.data_ptr(), threads or default_threads())
+    return out
+
+
+def _check_moe(x, ids, weights, gate, up, down):
+    g = _check_weight(gate, "experts' gate", stacked=True)
+    u = _check_weight(up, "experts' up", stacked=True)
+    d = _check_weight(down, "experts' down", stacked=True)
+    E, I, D = gate.shape
+    if tuple(up.shape) != (E, I, D) or tuple(down.shape) != (E, D, I):
+        raise ValueError(f"experts: gate {list(gate.shape)}, up {list(up.shape)} and down {list(down.shape)} "
+                         "must be [E, I, D], [E, I, D], [E, D, I]")
+    xf = _activations(x, D, "moe_forward")
+    T = xf.shape[0]
+    if ids.dim() != 2 or ids.shape[0] != T or ids.dtype != torch.int64:
+        raise ValueError(f"moe_forward: expert ids must be int64 [{T}, k], got {ids.dtype} {list(ids.shape)}")
+    if weights.shape != ids.shape or weights.dtype != torch.float32:
+        raise ValueError(f"moe_forward: routing weights must be float32 {list(ids.shape)}, got "
+                         f"{weights.dtype} {list(weights.shape)}")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
+        raise ValueError(f"moe_forward: expert ids must lie in [0, {E}), got [{int(ids.min())}, {int(ids.max())}]")
+    return g, u, d, E, xf, ids.contiguous(), weights.contiguous()
+
+
+def moe_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantWeight, up: QuantWeight,
+                down: QuantWeight, *, variant: str | None = None, threads: int | None = None) -> torch.Tensor:
+    """One layer's routed experts: out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]), with
+    expert(x) = down(silu(gate x) * up x). x [T, D], ids/weights [T, k]; returns [T, D] float32.
+
+    Tiles of (expert, block of rows) are spread over ``threads`` threads; no GIL is held.
+    """
+    code = _variant_code(variant)
+    g, u, d, E, xf, ids, weights = _check_moe(x, ids, weights, gate, up, down)
+    out = torch.empty_like(xf)
+    keep = (xf, ids, weights, out)  # alive until the call returns
+    _kernels.moe_forward(code, g, u, d, E, xf.data_ptr(), xf.shape[0], ids.shape[1], ids.data_ptr(),
+                         weights.data_ptr(), out.data_ptr(), threads or default_threads())
+    del keep
+    return out
+
+
+class MoEPool:
+    """``submit()``/``sync()`` around :func:`moe_forward`: the call runs on a background thread
+    (the C code holds no GIL) so that the caller can compute attention meanwhile."""
+
+    def __init__(self, threads: int | None = None, cpus: list[int] | None = None) -> None:
+        self.threads = threads or (len(cpus) if cpus else default_threads())
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridmoe-moe")
+        self._lock = threading.Lock()
+        if cpus:  # pin the OpenMP team that the worker thread will use
+            self._executor.submit(_kernels.pin_threads, list(cpus), self.threads).result()
+
+    def submit(self, *args, **kwargs) -> Future:
+        """Start ``moe_forward(*args, **kwargs)``; returns a future; inputs are checked here."""
+        _check_moe(*args[:6]) if len(args) >= 6 else None
+        kwargs.setdefault("threads", self.threads)
+        return self._executor.submit(moe_forward, *args, **kwargs)
+
+    @staticmethod
+    def sync(future: Future) -> torch.Tensor:
+        return future.result()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True)

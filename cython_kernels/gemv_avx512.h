@@ -1,0 +1,197 @@
+/* AVX-512 (BW + VBMI + BF16) kernels. Compiled with per-function target attributes so that the
+ * extension builds with any flags and runs on any x86-64: these functions are only called after
+ * CPUID says the CPU has the features.
+ *
+ * Weights become bf16 in registers and meet bf16 activations in VDPBF16PS (32 products per op).
+ *  - FP8 e4m3: two VPERMI2B table lookups map each byte's 7 magnitude bits to the high and low
+ *    byte of its exact bf16 value (subnormals included: VDPBF16PS would flush a bf16 built by
+ *    shifting the bits, whose exponent is too small), the sign bit is merged back with one
+ *    VPTERNLOG and VPUNPCK{L,H}BW interleave the bytes into words: 6 ops per 64 weights.
+ *  - INT4: nibbles are masked out and looked up (VPSHUFB) into bf16 of q - 8.
+ *  - BF16: loaded as is.
+ * VPUNPCK works within 128-bit lanes, so the decoded weights come out in a fixed permutation
+ * of their chunk; hm_prepare_x_avx512 lays the activations out in the same permutation once per
+ * call, so the products pair up without shuffling weights.
+ *
+ * Scales: FP8 partial sums are kept per 128-column block and multiplied by the block scale;
+ * INT4 chunks of 128 weights hold one group per 128-bit lane (g32) or one group (g128), so the
+ * chunk's sums are multiplied by a per-lane scale vector. */
+#ifndef HYBRIDMOE_GEMV_AVX512_H
+#define HYBRIDMOE_GEMV_AVX512_H
+
+#if defined(__x86_64__)
+#include <immintrin.h>
+#include "gemv_generic.h"
+
+#define HM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")))
+#define HM_TB 8 /* tokens whose sums stay in registers */
+
+static uint8_t hm_fp8_bf16_lo[128] __attribute__((aligned(64)));
+static uint8_t hm_fp8_bf16_hi[128] __attribute__((aligned(64)));
+static uint8_t hm_int4_bf16_lo[64] __attribute__((aligned(64)));
+static uint8_t hm_int4_bf16_hi[64] __attribute__((aligned(64)));
+static int hm_avx512_ready = 0;
+
+static void hm_init_avx512(void) {
+    if (hm_avx512_ready) return;
+    hm_init_generic();
+    for (int em = 0; em < 128; em++) {
+        uint16_t h = em == 0x7f ? 0 : hm_f32_to_bf16(hm_e4m3_to_f32((uint8_t)em)); /* 0x7f is NaN */
+        hm_fp8_bf16_lo[em] = (uint8_t)(h & 0xff);
+        hm_fp8_bf16_hi[em] = (uint8_t)(h >> 8);
+    }
+    for (int i = 0; i < 64; i++) { /* the 16-entry table repeated in each 128-bit lane */
+        uint16_t h = hm_f32_to_bf16((float)((i & 15) - 8));
+        hm_int4_bf16_lo[i] = (uint8_t)(h & 0xff);
+        hm_int4_bf16_hi[i] = (uint8_t)(h >> 8);
+    }
+    hm_avx512_ready = 1;
+}
+
+/* Position in the natural order of the p-th element of a decoded 64-byte vector pair. */
+static inline int hm_unpack_src(int p) { /* p in [0, 64): first 32 from UNPCKL, next 32 from UNPCKH */
+    int half = p >> 5, q = p & 31, lane = q >> 3, i = q & 7;
+    return lane * 16 + half * 8 + i;
+}
+
+/* x [T][in] fp32 -> xp [T][in] bf16, each full chunk in the order its weights decode to. */
+static void hm_prepare_x_avx512(int fmt, const float *x, int T, int64_t in, uint16_t *xp) {
+    for (int t = 0; t < T; t++) {
+        const float *xt = x + (int64_t)t * in;
+        uint16_t *dt = xp + (int64_t)t * in;
+        int64_t c = 0;
+        if (fmt == HM_FP8_B128) {
+            for (; c + 64 <= in; c += 64)
+                for (int p = 0; p < 64; p++) dt[c + p] = hm_f32_to_bf16(xt[c + hm_unpack_src(p)]);
+        } else if (fmt == HM_INT4) {
+            for (; c + 128 <= in; c += 128)
+                for (int v = 0; v < 2; v++) /* v = 0: low nibbles (even weights), 1: high (odd) */
+                    for (int p = 0; p < 64; p++)
+                        dt[c + v * 64 + p] = hm_f32_to_bf16(xt[c + 2 * hm_unpack_src(p) + v]);
+        }
+        for (; c < in; c++) dt[c] = hm_f32_to_bf16(xt[c]);
+    }
+}
+
+HM_AVX512 static inline __m512 hm_dp(__m512 acc, __m512i w, __m512i x) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
+}
+
+/* Scalar tail [c0, in) of row r against token t's prepared activations (natural order there). */
+static inline float hm_tail(const hm_weight *w, int64_t r, int64_t c0, const uint16_t *xt) {
+    float chunk[HM_CHUNK], s = 0.f;
+    for (int64_t c = c0; c < w->cols; c += HM_CHUNK) {
+        int n = (int)((w->cols - c) < HM_CHUNK ? (w->cols - c) : HM_CHUNK);
+        hm_decode_chunk(w, r, c, n, chunk);
+        for (int j = 0; j < n; j++) s += chunk[j] * hm_bf16_to_f32(xt[c + j]);
+    }
+    return s;
+}
+
+HM_AVX512 static void hm_row_fp8(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
+                                 int64_t ldy) {
+    const __m512i lo_a = _mm512_load_si512(hm_fp8_bf16_lo), lo_b = _mm512_load_si512(hm_fp8_bf16_lo + 64);
+    const __m512i hi_a = _mm512_load_si512(hm_fp8_bf16_hi), hi_b = _mm512_load_si512(hm_fp8_bf16_hi + 64);
+    const __m512i sign = _mm512_set1_epi8((char)0x80);
+    const uint8_t *row = w->data + r * w->cols;
+    const float *sc = (const float *)w->scale + (r / 128) * ((w->cols + 127) / 128);
+    const int64_t full = w->cols / 64 * 64;
+    for (int t0 = 0; t0 < T; t0 += HM_TB) {
+        const int nt = T - t0 < HM_TB ? T - t0 : HM_TB;
+        __m512 total[HM_TB], blk[HM_TB];
+        for (int t = 0; t < nt; t++) total[t] = blk[t] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < full; c += 64) {
+            __m512i b = _mm512_loadu_si512(row + c);
+            __m512i lo = _mm512_permutex2var_epi8(lo_a, b, lo_b);
+            __m512i hi = _mm512_ternarylogic_epi32(sign, b, _mm512_permutex2var_epi8(hi_a, b, hi_b), 0xCA);
+            __m512i w0 = _mm512_unpacklo_epi8(lo, hi), w1 = _mm512_unpackhi_epi8(lo, hi);
+            for (int t = 0; t < nt; t++) {
+                const uint16_t *xt = xp + (int64_t)(t0 + t) * w->cols + c;
+                blk[t] = hm_dp(hm_dp(blk[t], w0, _mm512_loadu_si512(xt)), w1, _mm512_loadu_si512(xt + 32));
+            }
+            if ((c & 127) == 64 || c + 64 == full) { /* end of a 128-column scale block */
+                __m512 s = _mm512_set1_ps(sc[c / 128]);
+                for (int t = 0; t < nt; t++) {
+                    total[t] = _mm512_fmadd_ps(blk[t], s, total[t]);
+                    blk[t] = _mm512_setzero_ps();
+                }
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            float tail = full < w->cols ? hm_tail(w, r, full, xp + (int64_t)(t0 + t) * w->cols) : 0.f;
+            y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(total[t]) + tail;
+        }
+    }
+}
+
+HM_AVX512 static inline __m512 hm_int4_scales(const hm_weight *w, int64_t r, int64_t c) {
+    const uint16_t *sc = (const uint16_t *)w->scale + r * (w->cols / w->group) + c / w->group;
+    if (w->group == 128) return _mm512_set1_ps(hm_bf16_to_f32(sc[0]));
+    __m128i four = _mm_loadl_epi64((const __m128i *)sc); /* 4 bf16 scales, one per lane */
+    __m128 f = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(four), 16));
+    return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                 _mm512_castps128_ps512(f));
+}
+
+HM_AVX512 static void hm_row_int4(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
+                                  int64_t ldy) {
+    const __m512i tlo = _mm512_load_si512(hm_int4_bf16_lo), thi = _mm512_load_si512(hm_int4_bf16_hi);
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    const uint8_t *row = w->data + r * (w->cols / 2);
+    const int64_t full = w->cols / 128 * 128;
+    for (int t0 = 0; t0 < T; t0 += HM_TB) {
+        const int nt = T - t0 < HM_TB ? T - t0 : HM_TB;
+        __m512 total[HM_TB];
+        for (int t = 0; t < nt; t++) total[t] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < full; c += 128) {
+            __m512i b = _mm512_loadu_si512(row + c / 2);
+            __m512i ql = _mm512_and_si512(b, nib), qh = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+            __m512i ll = _mm512_shuffle_epi8(tlo, ql), lh = _mm512_shuffle_epi8(thi, ql);
+            __m512i hl = _mm512_shuffle_epi8(tlo, qh), hh = _mm512_shuffle_epi8(thi, qh);
+            __m512i w0 = _mm512_unpacklo_epi8(ll, lh), w1 = _mm512_unpackhi_epi8(ll, lh);
+            __m512i w2 = _mm512_unpacklo_epi8(hl, hh), w3 = _mm512_unpackhi_epi8(hl, hh);
+            __m512 s = hm_int4_scales(w, r, c);
+            for (int t = 0; t < nt; t++) {
+                const uint16_t *xt = xp + (int64_t)(t0 + t) * w->cols + c;
+                __m512 a = hm_dp(_mm512_setzero_ps(), w0, _mm512_loadu_si512(xt));
+                a = hm_dp(a, w1, _mm512_loadu_si512(xt + 32));
+                a = hm_dp(a, w2, _mm512_loadu_si512(xt + 64));
+                a = hm_dp(a, w3, _mm512_loadu_si512(xt + 96));
+                total[t] = _mm512_fmadd_ps(a, s, total[t]);
+            }
+        }
+        for (int t = 0; t < nt; t++) {
+            float tail = full < w->cols ? hm_tail(w, r, full, xp + (int64_t)(t0 + t) * w->cols) : 0.f;
+            y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(total[t]) + tail;
+        }
+    }
+}
+
+HM_AVX512 static void hm_row_bf16(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
+                                  int64_t ldy) {
+    const uint16_t *row = (const uint16_t *)w->data + r * w->cols;
+    for (int t0 = 0; t0 < T; t0 += HM_TB) {
+        const int nt = T - t0 < HM_TB ? T - t0 : HM_TB;
+        __m512 total[HM_TB];
+        for (int t = 0; t < nt; t++) total[t] = _mm512_setzero_ps();
+        for (int64_t c = 0; c < w->cols; c += 32) {
+            __mmask32 m = w->cols - c >= 32 ? 0xffffffffu : (__mmask32)((1u << (w->cols - c)) - 1);
+            __m512i wv = _mm512_maskz_loadu_epi16(m, row + c);
+            for (int t = 0; t < nt; t++)
+                total[t] = hm_dp(total[t], wv, _mm512_maskz_loadu_epi16(m, xp + (int64_t)(t0 + t) * w->cols + c));
+        }
+        for (int t = 0; t < nt; t++) y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(total[t]);
+    }
+}
+
+static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, int T, float *y, int64_t ldy,
+                                int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; r++) {
+        if (w->fmt == HM_FP8_B128) hm_row_fp8(w, r, xp, T, y, ldy);
+        else if (w->fmt == HM_INT4) hm_row_int4(w, r, xp, T, y, ldy);
+        else hm_row_bf16(w, r, xp, T, y, ldy);
+    }
+}
+
+#endif /* __x86_64__ */
+#endif

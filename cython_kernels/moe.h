@@ -1,0 +1,167 @@
+/* Dispatch, the threaded GEMV, and the whole-layer MoE call.
+ *
+ * Parallelism is over tiles of (expert, block of output rows), spread by OpenMP with a dynamic
+ * schedule over every thread it is given, so that 8 active experts keep many cores busy. */
+#ifndef HYBRIDMOE_MOE_H
+#define HYBRIDMOE_MOE_H
+
+#define _GNU_SOURCE
+#include <sched.h>
+#include <stdlib.h>
+#include <omp.h>
+#include "gemv_generic.h"
+#include "gemv_avx512.h"
+
+enum { HM_GENERIC = 0, HM_AVX512_BF16 = 1 };
+#define HM_ROWS_PER_TILE 16
+
+static void hm_init(void) {
+    hm_init_generic();
+#if defined(__x86_64__)
+    hm_init_avx512();
+#endif
+}
+
+/* Bytes per element of prepared activations. */
+static inline int hm_xp_elem(int variant) { return variant == HM_GENERIC ? 4 : 2; }
+
+static void hm_prepare_x(int variant, int fmt, const float *x, int T, int64_t in, void *xp) {
+#if defined(__x86_64__)
+    if (variant == HM_AVX512_BF16) { hm_prepare_x_avx512(fmt, x, T, in, (uint16_t *)xp); return; }
+#endif
+    (void)fmt;
+    hm_prepare_x_generic(x, T, in, (float *)xp);
+}
+
+static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, int T, float *y, int64_t ldy,
+                         int64_t r0, int64_t r1) {
+#if defined(__x86_64__)
+    if (variant == HM_AVX512_BF16) { hm_gemv_rows_avx512(w, (const uint16_t *)xp, T, y, ldy, r0, r1); return; }
+#endif
+    hm_gemv_rows_generic(w, (const float *)xp, T, y, ldy, r0, r1);
+}
+
+/* y [T][out] = W x for x [T][in]; xp is scratch for T * in prepared activations. */
+static void hm_gemv(int variant, const hm_weight *w, const float *x, int T, float *y, void *xp, int nthreads) {
+    hm_prepare_x(variant, w->fmt, x, T, w->cols, xp);
+    int64_t tiles = (w->rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    for (int64_t i = 0; i < tiles; i++) {
+        int64_t r0 = i * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < w->rows ? r0 + HM_ROWS_PER_TILE : w->rows;
+        hm_gemv_rows(variant, w, xp, T, y, w->rows, r0, r1);
+    }
+}
+
+/* Expert e of a stacked [E, out, in] weight. */
+static hm_weight hm_expert(const hm_weight *s, int64_t e) {
+    hm_weight w = *s;
+    if (s->fmt == HM_DENSE_BF16) {
+        w.data = s->data + e * s->rows * s->cols * 2;
+    } else if (s->fmt == HM_FP8_B128) {
+        w.data = s->data + e * s->rows * s->cols;
+        w.scale = (const float *)s->scale + e * ((s->rows + 127) / 128) * ((s->cols + 127) / 128);
+    } else {
+        w.data = s->data + e * s->rows * (s->cols / 2);
+        w.scale = (const uint16_t *)s->scale + e * s->rows * (s->cols / s->group);
+    }
+    return w;
+}
+
+static inline float hm_silu(float g) { return g / (1.f + expf(-g)); }
+
+/* out [T][D] = sum_j wts[t][j] * expert_{ids[t][j]}(x[t]) with expert(x) = down(silu(gate x) * up x).
+ * gate/up are stacked [E, I, D], down [E, D, I]. Returns 0, or -1 if memory ran out. */
+static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *up, const hm_weight *down,
+                          int64_t E, const float *x, int T, int k, const int64_t *ids, const float *wts,
+                          float *out, int nthreads) {
+    const int64_t D = gate->cols, I = gate->rows;
+    const int esz = hm_xp_elem(variant);
+    int n = T * k;
+    /* Group (token, weight) pairs by expert: the active experts and their tokens. */
+    int64_t *count = calloc((size_t)E + 1, sizeof(int64_t));
+    int *tok = malloc(sizeof(int) * (size_t)n), *act = malloc(sizeof(int) * (size_t)n);
+    float *tw = malloc(sizeof(float) * (size_t)n);
+    int64_t *start = malloc(sizeof(int64_t) * ((size_t)n + 1));
+    float *xw = malloc((size_t)T * (size_t)D * (size_t)esz);
+    if (!count || !tok || !act || !tw || !start || !xw) goto oom;
+    for (int i = 0; i < n; i++) count[ids[i]]++;
+    int na = 0;
+    int64_t off = 0;
+    int64_t *pos = calloc((size_t)E, sizeof(int64_t));
+    if (!pos) goto oom;
+    for (int64_t e = 0; e < E; e++)
+        if (count[e]) { act[na] = (int)e; start[na++] = off; pos[e] = off; off += count[e]; }
+    start[na] = off;
+    for (int i = 0; i < n; i++) { int64_t p = pos[ids[i]]++; tok[p] = i / k; tw[p] = wts[i]; }
+    free(pos);
+
+    /* Activations prepared once for all tokens, then gathered per expert (rows stay prepared). */
+    void *xg = malloc((size_t)n * (size_t)D * (size_t)esz);
+    float *h = malloc(sizeof(float) * (size_t)n * (size_t)I * 2);
+    void *hp = malloc((size_t)n * (size_t)I * (size_t)esz);
+    if (!xg || !h || !hp) { free(xg); free(h); free(hp); goto oom; }
+    hm_prepare_x(variant, gate->fmt, x, T, D, xw);
+    for (int p = 0; p < n; p++) memcpy((char *)xg + (size_t)p * D * esz, (char *)xw + (size_t)tok[p] * D * esz, (size_t)D * esz);
+    memset(out, 0, sizeof(float) * (size_t)T * (size_t)D);
+
+    const int64_t it = (I + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
+    const int64_t dt = (D + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
+    float *g = h, *u = h + (size_t)n * I; /* g[p][I], u[p][I] for pair p */
+#pragma omp parallel num_threads(nthreads)
+    {
+        /* 1: gate and up for every (active expert, block of I rows), then SiLU(gate) * up. */
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t tile = 0; tile < (int64_t)na * it; tile++) {
+            int a = (int)(tile / it);
+            int64_t r0 = (tile % it) * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < I ? r0 + HM_ROWS_PER_TILE : I;
+            hm_weight wg = hm_expert(gate, act[a]), wu = hm_expert(up, act[a]);
+            int64_t p0 = start[a];
+            int te = (int)(start[a + 1] - p0);
+            const void *xa = (const char *)xg + (size_t)p0 * D * esz;
+            hm_gemv_rows(variant, &wg, xa, te, g + p0 * I, I, r0, r1);
+            hm_gemv_rows(variant, &wu, xa, te, u + p0 * I, I, r0, r1);
+            for (int t = 0; t < te; t++)
+                for (int64_t r = r0; r < r1; r++) g[(p0 + t) * I + r] = hm_silu(g[(p0 + t) * I + r]) * u[(p0 + t) * I + r];
+        }
+        /* 2: the down projection's inputs, prepared per pair. */
+#pragma omp for schedule(static)
+        for (int p = 0; p < n; p++) hm_prepare_x(variant, down->fmt, g + (size_t)p * I, 1, I, (char *)hp + (size_t)p * I * esz);
+        /* 3: down for every block of D rows over all active experts; a tile owns its output rows. */
+        float *ytmp = malloc(sizeof(float) * (size_t)n * HM_ROWS_PER_TILE);
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t tile = 0; tile < dt; tile++) {
+            int64_t r0 = tile * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < D ? r0 + HM_ROWS_PER_TILE : D;
+            for (int a = 0; a < na; a++) {
+                hm_weight wd = hm_expert(down, act[a]);
+                int64_t p0 = start[a];
+                int te = (int)(start[a + 1] - p0);
+                /* rows r0..r1 land at ytmp[t * HM_ROWS_PER_TILE + (r - r0)] */
+                hm_gemv_rows(variant, &wd, (const char *)hp + (size_t)p0 * I * esz, te, ytmp - r0,
+                             HM_ROWS_PER_TILE, r0, r1);
+                for (int t = 0; t < te; t++)
+                    for (int64_t r = r0; r < r1; r++)
+                        out[(int64_t)tok[p0 + t] * D + r] += tw[p0 + t] * ytmp[t * HM_ROWS_PER_TILE + (r - r0)];
+            }
+        }
+        free(ytmp);
+    }
+    free(xg); free(h); free(hp);
+    free(count); free(tok); free(act); free(tw); free(start); free(xw);
+    return 0;
+oom:
+    free(count); free(tok); free(act); free(tw); free(start); free(xw);
+    return -1;
+}
+
+/* Pin the calling pool's threads: thread i to cpus[i % n]. */
+static void hm_pin_threads(const int *cpus, int n, int nthreads) {
+#pragma omp parallel num_threads(nthreads)
+    {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(cpus[omp_get_thread_num() % n], &set);
+        sched_setaffinity(0, sizeof(set), &set);
+    }
+}
+
+#endif
