@@ -73,6 +73,21 @@ static void hm_prepare_x_avx512(int fmt, const float *x, int T, int64_t in, uint
     }
 }
 
+/* Calls FN(w, r, xp, t0, nt, y, ldy) for each block of up to HM_TB tokens with nt a constant. */
+#define HM_FOR_TOKEN_BLOCKS(FN)                                                  \
+    for (int t0 = 0; t0 < T; t0 += HM_TB) {                                      \
+        switch (T - t0 < HM_TB ? T - t0 : HM_TB) {                               \
+        case 1: FN(w, r, xp, t0, 1, y, ldy); break;                              \
+        case 2: FN(w, r, xp, t0, 2, y, ldy); break;                              \
+        case 3: FN(w, r, xp, t0, 3, y, ldy); break;                              \
+        case 4: FN(w, r, xp, t0, 4, y, ldy); break;                              \
+        case 5: FN(w, r, xp, t0, 5, y, ldy); break;                              \
+        case 6: FN(w, r, xp, t0, 6, y, ldy); break;                              \
+        case 7: FN(w, r, xp, t0, 7, y, ldy); break;                              \
+        default: FN(w, r, xp, t0, 8, y, ldy); break;                             \
+        }                                                                        \
+    }
+
 HM_AVX512 static inline __m512 hm_dp(__m512 acc, __m512i w, __m512i x) {
     return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
 }
@@ -88,40 +103,44 @@ static inline float hm_tail(const hm_weight *w, int64_t r, int64_t c0, const uin
     return s;
 }
 
-HM_AVX512 static void hm_row_fp8(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
-                                 int64_t ldy) {
+/* One row, tokens [t0, t0 + nt): inlined with nt a constant so that the sums stay in registers. */
+HM_AVX512 static inline __attribute__((always_inline)) void hm_row_fp8_nt(
+        const hm_weight *w, int64_t r, const uint16_t *xp, int t0, const int nt, float *y, int64_t ldy) {
     const __m512i lo_a = _mm512_load_si512(hm_fp8_bf16_lo), lo_b = _mm512_load_si512(hm_fp8_bf16_lo + 64);
     const __m512i hi_a = _mm512_load_si512(hm_fp8_bf16_hi), hi_b = _mm512_load_si512(hm_fp8_bf16_hi + 64);
     const __m512i sign = _mm512_set1_epi8((char)0x80);
     const uint8_t *row = w->data + r * w->cols;
     const float *sc = (const float *)w->scale + (r / 128) * ((w->cols + 127) / 128);
     const int64_t full = w->cols / 64 * 64;
-    for (int t0 = 0; t0 < T; t0 += HM_TB) {
-        const int nt = T - t0 < HM_TB ? T - t0 : HM_TB;
-        __m512 total[HM_TB], blk[HM_TB];
-        for (int t = 0; t < nt; t++) total[t] = blk[t] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < full; c += 64) {
-            __m512i b = _mm512_loadu_si512(row + c);
-            __m512i lo = _mm512_permutex2var_epi8(lo_a, b, lo_b);
-            __m512i hi = _mm512_ternarylogic_epi32(sign, b, _mm512_permutex2var_epi8(hi_a, b, hi_b), 0xCA);
-            __m512i w0 = _mm512_unpacklo_epi8(lo, hi), w1 = _mm512_unpackhi_epi8(lo, hi);
-            for (int t = 0; t < nt; t++) {
-                const uint16_t *xt = xp + (int64_t)(t0 + t) * w->cols + c;
-                blk[t] = hm_dp(hm_dp(blk[t], w0, _mm512_loadu_si512(xt)), w1, _mm512_loadu_si512(xt + 32));
-            }
-            if ((c & 127) == 64 || c + 64 == full) { /* end of a 128-column scale block */
-                __m512 s = _mm512_set1_ps(sc[c / 128]);
-                for (int t = 0; t < nt; t++) {
-                    total[t] = _mm512_fmadd_ps(blk[t], s, total[t]);
-                    blk[t] = _mm512_setzero_ps();
-                }
-            }
-        }
+    __m512 total[HM_TB], b0[HM_TB], b1[HM_TB];
+    for (int t = 0; t < nt; t++) total[t] = b0[t] = b1[t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < full; c += 64) {
+        __m512i b = _mm512_loadu_si512(row + c);
+        __m512i lo = _mm512_permutex2var_epi8(lo_a, b, lo_b);
+        __m512i hi = _mm512_ternarylogic_epi32(sign, b, _mm512_permutex2var_epi8(hi_a, b, hi_b), 0xCA);
+        __m512i w0 = _mm512_unpacklo_epi8(lo, hi), w1 = _mm512_unpackhi_epi8(lo, hi);
         for (int t = 0; t < nt; t++) {
-            float tail = full < w->cols ? hm_tail(w, r, full, xp + (int64_t)(t0 + t) * w->cols) : 0.f;
-            y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(total[t]) + tail;
+            const uint16_t *xt = xp + (int64_t)(t0 + t) * w->cols + c;
+            b0[t] = hm_dp(b0[t], w0, _mm512_loadu_si512(xt));
+            b1[t] = hm_dp(b1[t], w1, _mm512_loadu_si512(xt + 32));
+        }
+        if ((c & 127) == 64 || c + 64 == full) { /* end of a 128-column scale block */
+            __m512 s = _mm512_set1_ps(sc[c / 128]);
+            for (int t = 0; t < nt; t++) {
+                total[t] = _mm512_fmadd_ps(_mm512_add_ps(b0[t], b1[t]), s, total[t]);
+                b0[t] = b1[t] = _mm512_setzero_ps();
+            }
         }
     }
+    for (int t = 0; t < nt; t++) {
+        float tail = full < w->cols ? hm_tail(w, r, full, xp + (int64_t)(t0 + t) * w->cols) : 0.f;
+        y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(total[t]) + tail;
+    }
+}
+
+HM_AVX512 static void hm_row_fp8(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
+                                 int64_t ldy) {
+    HM_FOR_TOKEN_BLOCKS(hm_row_fp8_nt)
 }
 
 HM_AVX512 static inline __m512 hm_int4_scales(const hm_weight *w, int64_t r, int64_t c) {
@@ -133,55 +152,68 @@ HM_AVX512 static inline __m512 hm_int4_scales(const hm_weight *w, int64_t r, int
                                  _mm512_castps128_ps512(f));
 }
 
-HM_AVX512 static void hm_row_int4(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
-                                  int64_t ldy) {
+HM_AVX512 static inline __attribute__((always_inline)) void hm_row_int4_nt(
+        const hm_weight *w, int64_t r, const uint16_t *xp, int t0, const int nt, float *y, int64_t ldy) {
     const __m512i tlo = _mm512_load_si512(hm_int4_bf16_lo), thi = _mm512_load_si512(hm_int4_bf16_hi);
     const __m512i nib = _mm512_set1_epi8(0x0f);
     const uint8_t *row = w->data + r * (w->cols / 2);
     const int64_t full = w->cols / 128 * 128;
-    for (int t0 = 0; t0 < T; t0 += HM_TB) {
-        const int nt = T - t0 < HM_TB ? T - t0 : HM_TB;
-        __m512 total[HM_TB];
-        for (int t = 0; t < nt; t++) total[t] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < full; c += 128) {
-            __m512i b = _mm512_loadu_si512(row + c / 2);
-            __m512i ql = _mm512_and_si512(b, nib), qh = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
-            __m512i ll = _mm512_shuffle_epi8(tlo, ql), lh = _mm512_shuffle_epi8(thi, ql);
-            __m512i hl = _mm512_shuffle_epi8(tlo, qh), hh = _mm512_shuffle_epi8(thi, qh);
-            __m512i w0 = _mm512_unpacklo_epi8(ll, lh), w1 = _mm512_unpackhi_epi8(ll, lh);
-            __m512i w2 = _mm512_unpacklo_epi8(hl, hh), w3 = _mm512_unpackhi_epi8(hl, hh);
-            __m512 s = hm_int4_scales(w, r, c);
-            for (int t = 0; t < nt; t++) {
-                const uint16_t *xt = xp + (int64_t)(t0 + t) * w->cols + c;
-                __m512 a = hm_dp(_mm512_setzero_ps(), w0, _mm512_loadu_si512(xt));
-                a = hm_dp(a, w1, _mm512_loadu_si512(xt + 32));
-                a = hm_dp(a, w2, _mm512_loadu_si512(xt + 64));
-                a = hm_dp(a, w3, _mm512_loadu_si512(xt + 96));
-                total[t] = _mm512_fmadd_ps(a, s, total[t]);
-            }
-        }
+    __m512 total[HM_TB];
+    for (int t = 0; t < nt; t++) total[t] = _mm512_setzero_ps();
+    for (int64_t c = 0; c < full; c += 128) {
+        __m512i b = _mm512_loadu_si512(row + c / 2);
+        __m512i ql = _mm512_and_si512(b, nib), qh = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+        __m512i ll = _mm512_shuffle_epi8(tlo, ql), lh = _mm512_shuffle_epi8(thi, ql);
+        __m512i hl = _mm512_shuffle_epi8(tlo, qh), hh = _mm512_shuffle_epi8(thi, qh);
+        __m512i w0 = _mm512_unpacklo_epi8(ll, lh), w1 = _mm512_unpackhi_epi8(ll, lh);
+        __m512i w2 = _mm512_unpacklo_epi8(hl, hh), w3 = _mm512_unpackhi_epi8(hl, hh);
+        __m512 s = hm_int4_scales(w, r, c);
         for (int t = 0; t < nt; t++) {
-            float tail = full < w->cols ? hm_tail(w, r, full, xp + (int64_t)(t0 + t) * w->cols) : 0.f;
-            y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(total[t]) + tail;
+            const uint16_t *xt = xp + (int64_t)(t0 + t) * w->cols + c;
+            __m512 a = hm_dp(_mm512_setzero_ps(), w0, _mm512_loadu_si512(xt));
+            __m512 a2 = hm_dp(_mm512_setzero_ps(), w1, _mm512_loadu_si512(xt + 32));
+            a = hm_dp(a, w2, _mm512_loadu_si512(xt + 64));
+            a2 = hm_dp(a2, w3, _mm512_loadu_si512(xt + 96));
+            total[t] = _mm512_fmadd_ps(_mm512_add_ps(a, a2), s, total[t]);
         }
     }
+    for (int t = 0; t < nt; t++) {
+        float tail = full < w->cols ? hm_tail(w, r, full, xp + (int64_t)(t0 + t) * w->cols) : 0.f;
+        y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(total[t]) + tail;
+    }
+}
+
+HM_AVX512 static void hm_row_int4(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
+                                  int64_t ldy) {
+    HM_FOR_TOKEN_BLOCKS(hm_row_int4_nt)
+}
+
+HM_AVX512 static inline __attribute__((always_inline)) void hm_row_bf16_nt(
+        const hm_weight *w, int64_t r, const uint16_t *xp, int t0, const int nt, float *y, int64_t ldy) {
+    const uint16_t *row = (const uint16_t *)w->data + r * w->cols;
+    __m512 a0[HM_TB], a1[HM_TB];
+    for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm512_setzero_ps();
+    int64_t c = 0;
+    for (; c + 64 <= w->cols; c += 64) {
+        __m512i v0 = _mm512_loadu_si512(row + c), v1 = _mm512_loadu_si512(row + c + 32);
+        for (int t = 0; t < nt; t++) {
+            const uint16_t *xt = xp + (int64_t)(t0 + t) * w->cols + c;
+            a0[t] = hm_dp(a0[t], v0, _mm512_loadu_si512(xt));
+            a1[t] = hm_dp(a1[t], v1, _mm512_loadu_si512(xt + 32));
+        }
+    }
+    for (; c < w->cols; c += 32) {
+        __mmask32 m = w->cols - c >= 32 ? 0xffffffffu : (__mmask32)((1u << (w->cols - c)) - 1);
+        __m512i v = _mm512_maskz_loadu_epi16(m, row + c);
+        for (int t = 0; t < nt; t++)
+            a0[t] = hm_dp(a0[t], v, _mm512_maskz_loadu_epi16(m, xp + (int64_t)(t0 + t) * w->cols + c));
+    }
+    for (int t = 0; t < nt; t++) y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
 }
 
 HM_AVX512 static void hm_row_bf16(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
                                   int64_t ldy) {
-    const uint16_t *row = (const uint16_t *)w->data + r * w->cols;
-    for (int t0 = 0; t0 < T; t0 += HM_TB) {
-        const int nt = T - t0 < HM_TB ? T - t0 : HM_TB;
-        __m512 total[HM_TB];
-        for (int t = 0; t < nt; t++) total[t] = _mm512_setzero_ps();
-        for (int64_t c = 0; c < w->cols; c += 32) {
-            __mmask32 m = w->cols - c >= 32 ? 0xffffffffu : (__mmask32)((1u << (w->cols - c)) - 1);
-            __m512i wv = _mm512_maskz_loadu_epi16(m, row + c);
-            for (int t = 0; t < nt; t++)
-                total[t] = hm_dp(total[t], wv, _mm512_maskz_loadu_epi16(m, xp + (int64_t)(t0 + t) * w->cols + c));
-        }
-        for (int t = 0; t < nt; t++) y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(total[t]);
-    }
+    HM_FOR_TOKEN_BLOCKS(hm_row_bf16_nt)
 }
 
 static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, int T, float *y, int64_t ldy,
