@@ -167,7 +167,8 @@ class MoEPool:
 
     def submit(self, *args, **kwargs) -> Future:
         """Start ``moe_forward(*args, **kwargs)``; returns a future; inputs are checked here."""
-        _check_moe(*args[:6]) if len(args) >= 6 else None
+        if len(args) >= 6:  # fail here, not at sync, on bad input
+            _check_moe(*args[:6])
         kwargs.setdefault("threads", self.threads)
         return self._executor.submit(moe_forward, *args, **kwargs)
 

@@ -1,0 +1,128 @@
+"""CPU kernels against the pure-torch reference (shared.quant's dequantize, RoutedExperts.forward),
+for every variant this machine runs, over decode and prefill token counts and odd shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import cython_kernels
+from cython_kernels import api
+from shared.layers import RoutedExperts
+from shared.quant import QuantWeight, dequantize, quantize
+
+VARIANTS = cython_kernels.supported_variants()
+FORMATS = ["dense", "fp8_b128", "int4_g32", "int4_g128"]
+
+
+def _q(w: torch.Tensor, fmt: str) -> QuantWeight:
+    return quantize(w.bfloat16() if fmt == "dense" else w, fmt)
+
+
+def _shapes(fmt):
+    # multiples of the 128 block, a shape with partial blocks, and one with a ragged row count
+    if fmt.startswith("int4"):
+        g = int(fmt.split("_g")[1])
+        return [(256, 512), (77, 3 * g), (130, 2 * g + 128)]
+    return [(256, 512), (200, 300), (33, 70)]
+
+
+def test_generic_variant_is_always_available():
+    assert "generic" in VARIANTS
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tokens", [1, 2, 9, 64])
+def test_gemv_matches_reference(variant, fmt, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    for shape in _shapes(fmt):
+        w = _q(torch.randn(shape, generator=g) * 0.05, fmt)
+        x = torch.randn(tokens, shape[1], generator=g)
+        ref = x.bfloat16().float() @ dequantize(w).T  # the kernels multiply bf16 activations
+        y = api.gemv(x, w, variant=variant, threads=2)
+        assert y.shape == (tokens, shape[0]) and y.dtype == torch.float32
+        err = (y - ref).abs().max() / ref.abs().max()
+        assert err < 1e-4, f"{fmt} {shape} relative error {err}"
+
+
+def test_gemv_bf16_activations_and_out_buffer():
+    w = _q(torch.randn(64, 256) * 0.05, "fp8_b128")
+    x = torch.randn(3, 256).bfloat16()
+    out = torch.full((3, 64), float("nan"))
+    y = api.gemv(x, w, out=out)
+    assert y is out and torch.allclose(y, x.float() @ dequantize(w).T, rtol=1e-4, atol=1e-4)
+
+
+def _experts(fmt, E=8, I=96, D=256, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ws = [torch.randn(E, I, D, generator=g) * D**-0.5, torch.randn(E, I, D, generator=g) * D**-0.5,
+          torch.randn(E, D, I, generator=g) * I**-0.5]
+    return [_q(w, fmt) for w in ws]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt", ["dense", "fp8_b128", "int4_g32"])
+@pytest.mark.parametrize("tokens", [1, 4, 17])
+def test_moe_forward_matches_reference(variant, fmt, tokens):
+    I = 96 if fmt != "int4_g32" else 128  # INT4 needs I (the down projection's input) in groups
+    gate, up, down = _experts(fmt, I=I, seed=tokens)
+    g = torch.Generator().manual_seed(100 + tokens)
+    x = torch.randn(tokens, 256, generator=g)
+    # random routings; experts 6 and 7 are never chosen, and one token picks the same expert twice
+    ids = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(tokens)])
+    ids[0, 1] = ids[0, 0]
+    weights = torch.rand(tokens, 3, generator=g)
+    ref = RoutedExperts(gate, up, down)(x.bfloat16().float(), ids, weights)
+    out = api.moe_forward(x, ids, weights, gate, up, down, variant=variant, threads=2)
+    # the SiLU(gate) * up activations are rounded to bf16 before the down projection
+    err = (out - ref).abs().max() / ref.abs().max()
+    assert err < 1e-2, f"relative error {err}"
+
+
+def test_moe_submit_sync_overlaps_caller_work():
+    gate, up, down = _experts("fp8_b128")
+    x, ids, w = torch.randn(4, 256), torch.randint(0, 8, (4, 2)), torch.rand(4, 2)
+    pool = api.MoEPool(threads=2)
+    try:
+        fut = pool.submit(x, ids, w, gate, up, down)
+        other = torch.randn(64, 64) @ torch.randn(64, 64)  # the caller keeps working meanwhile
+        out = pool.sync(fut)
+    finally:
+        pool.close()
+    assert other.shape == (64, 64)
+    assert torch.equal(out, api.moe_forward(x, ids, w, gate, up, down, threads=2))
+
+
+def test_bad_input_raises_clear_errors():
+    w = _q(torch.randn(64, 256) * 0.05, "fp8_b128")
+    x = torch.randn(2, 256)
+    with pytest.raises(ValueError, match=r"activations must be \[tokens, 256\]"):
+        api.gemv(torch.randn(2, 128), w)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        api.gemv(x.double(), w)
+    with pytest.raises(ValueError, match="1 to 64 tokens"):
+        api.gemv(torch.randn(65, 256), w)
+    with pytest.raises(ValueError, match="must be contiguous"):
+        api.gemv(x, QuantWeight("fp8_b128", w.data.t().contiguous().t(), w.scale, w.shape))
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        api.gemv(x, QuantWeight("fp8_b128", w.data.view(torch.uint8), w.scale, w.shape))
+    with pytest.raises(ValueError, match="scales must be"):
+        api.gemv(x, QuantWeight("fp8_b128", w.data, w.scale[:, :1].contiguous(), w.shape))
+    buf = torch.empty(64 * 256 + 1, dtype=torch.uint8)[1:].view(torch.float8_e4m3fn).view(64, 256)
+    buf.copy_(w.data)
+    with pytest.raises(ValueError, match="64-byte aligned"):
+        api.gemv(x, QuantWeight("fp8_b128", buf, w.scale, w.shape))
+    with pytest.raises(ValueError, match="bfloat16"):
+        api.gemv(x, QuantWeight("dense", torch.randn(64, 256), None, (64, 256)))
+    with pytest.raises(ValueError, match="out must be"):
+        api.gemv(x, w, out=torch.empty(2, 63))
+    gate, up, down = _experts("fp8_b128")
+    with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 8\)"):
+        api.moe_forward(x, torch.tensor([[0, 8], [1, 2]]), torch.rand(2, 2), gate, up, down)
+    with pytest.raises(ValueError, match="int64"):
+        api.moe_forward(x, torch.tensor([[0, 1], [1, 2]], dtype=torch.int32), torch.rand(2, 2), gate, up, down)
+    with pytest.raises(ValueError, match=r"\[E, I, D\], \[E, I, D\], \[E, D, I\]"):
+        api.moe_forward(x, torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2), gate, up, up)
+    with pytest.raises(ValueError, match="not a kernel variant|not supported"):
+        api.gemv(x, w, variant="sse9")
