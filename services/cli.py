@@ -66,6 +66,13 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from cython_kernels import bench
+
+    bench.run(args.json, threads=args.threads, quick=args.quick)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridmoe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -99,6 +106,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype")
     g.set_defaults(fn=_cmd_generate)
+
+    b = sub.add_parser("bench", help="benchmarks that print figures (and write JSON)")
+    b.add_argument("what", choices=["kernels"], help="kernels: CPU expert kernels vs memory bandwidth and torch")
+    b.add_argument("--json", help="also write the results to this JSON file")
+    b.add_argument("--threads", type=int, help="threads (default: every CPU this process may use)")
+    b.add_argument("--quick", action="store_true", help="one shape and fewer experts (a smoke run)")
+    b.set_defaults(fn=_cmd_bench)
     return p
 
 

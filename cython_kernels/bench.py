@@ -1,0 +1,118 @@
+"""``hybridmoe bench kernels``: the CPU kernels against this machine's memory bandwidth and torch.
+
+Everything is measured in one run: the memory-read bandwidth first (all threads), then each
+format x shape x token count, reported as GB/s of weights read, the fraction of the measured
+bandwidth, and the speed ratio against torch on the same problem (dequantized BF16 weights, and
+FP32). Enough distinct weight copies are cycled through that no call finds its weights in cache.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+import torch
+
+from cython_kernels import VARIANT, api
+from shared.quant import quantize
+
+SHAPES = {"deepseek-v3 gate/up": (2048, 7168), "deepseek-v3 down": (7168, 2048),
+          "qwen3-30b-a3b gate/up": (768, 2048), "qwen3-30b-a3b down": (2048, 768)}
+FORMATS = ("fp8_b128", "int4_g128", "int4_g32", "dense")
+TOKENS = (1, 2, 4, 8, 16)
+COPY_BYTES = 384 << 20  # bytes of weight copies cycled per problem: several times any L3
+
+
+def _time(fn, copies: int, min_seconds: float = 0.3) -> float:
+    """Seconds per call, cycling fn(i) over the copies."""
+    fn(0)
+    calls, start = 0, time.perf_counter()
+    while True:
+        for i in range(copies):
+            fn(i)
+        calls += copies
+        elapsed = time.perf_counter() - start
+        if elapsed >= min_seconds:
+            return elapsed / calls
+
+
+def memory_bandwidth(threads: int) -> float:
+    """GB/s read by a sum over 1 GiB, with all threads (the roofline the kernels are held to)."""
+    torch.set_num_threads(threads)
+    buf = torch.ones(1 << 27, dtype=torch.int64)
+    return buf.numel() * 8 / _time(lambda i: buf.sum(), 1, 1.0) / 1e9
+
+
+def bench_gemv(fmt: str, shape: tuple[int, int], bw: float, threads: int) -> list[dict]:
+    g = torch.Generator().manual_seed(0)
+    one = quantize(torch.randn(shape, generator=g).bfloat16() if fmt == "dense" else torch.randn(shape, generator=g),
+                   fmt)
+    copies = max(2, COPY_BYTES // one.nbytes)
+    ws = [one] + [quantize(torch.randn(shape, generator=g).bfloat16() if fmt == "dense"
+                           else torch.randn(shape, generator=g), fmt) for _ in range(copies - 1)]
+    bf16 = [w.dequantize(torch.bfloat16) for w in ws[: max(2, COPY_BYTES // (shape[0] * shape[1] * 2))]]
+    fp32 = [w.dequantize(torch.float32) for w in ws[: max(2, COPY_BYTES // (shape[0] * shape[1] * 4))]]
+    rows = []
+    for T in TOKENS:
+        x = torch.randn(T, shape[1], generator=g)
+        xb = x.bfloat16()
+        out = torch.empty(T, shape[0])
+        t_k = _time(lambda i, x=x, out=out: api.gemv(x, ws[i], out=out, threads=threads), len(ws))
+        t_b = _time(lambda i, xb=xb: torch.matmul(xb, bf16[i].T), len(bf16))
+        t_f = _time(lambda i, x=x: torch.matmul(x, fp32[i].T), len(fp32))
+        gbps = one.nbytes / t_k / 1e9
+        rows.append({"kind": "gemv", "format": fmt, "shape": list(shape), "tokens": T, "us": t_k * 1e6,
+                     "gbps": gbps, "fraction_of_bandwidth": gbps / bw,
+                     "vs_torch_bf16": t_b / t_k, "vs_torch_fp32": t_f / t_k})
+    return rows
+
+
+def bench_moe(fmt: str, E: int, I: int, D: int, top_k: int, bw: float, threads: int) -> list[dict]:
+    g = torch.Generator().manual_seed(1)
+
+    def w(*shape):
+        t = torch.randn(shape, generator=g) * shape[-1] ** -0.5
+        return quantize(t.bfloat16() if fmt == "dense" else t, fmt)
+
+    gate, up, down = w(E, I, D), w(E, I, D), w(E, D, I)
+    per_expert = (gate.nbytes + up.nbytes + down.nbytes) / E
+    rows = []
+    for T in TOKENS:
+        x = torch.randn(T, D, generator=g)
+        routings = [torch.stack([torch.randperm(E, generator=g)[:top_k] for _ in range(T)]) for _ in range(16)]
+        weights = torch.rand(T, top_k, generator=g)
+        def call(i: int, x=x, r=routings, w=weights) -> None:
+            api.moe_forward(x, r[i], w, gate, up, down, threads=threads)
+
+        t = _time(call, 16)
+        touched = sum(len(r.unique()) for r in routings) / len(routings) * per_expert
+        gbps = touched / t / 1e9
+        rows.append({"kind": "moe_layer", "format": fmt, "experts": E, "shape": [I, D], "top_k": top_k,
+                     "tokens": T, "us": t * 1e6, "gbps": gbps, "fraction_of_bandwidth": gbps / bw})
+    return rows
+
+
+def run(json_path: str | None = None, threads: int | None = None, quick: bool = False) -> dict:
+    threads = threads or api.default_threads()
+    bw = memory_bandwidth(threads)
+    print(f"kernel variant {VARIANT}, {threads} threads; measured memory-read bandwidth {bw:.1f} GB/s")
+    results: list[dict] = []
+    shapes = dict(list(SHAPES.items())[:1]) if quick else SHAPES
+    for fmt in FORMATS:
+        for name, shape in shapes.items():
+            for r in bench_gemv(fmt, shape, bw, threads):
+                results.append({**r, "name": name})
+                print(f"gemv {fmt:10s} {name:22s} T={r['tokens']:2d} {r['us']:9.1f} us {r['gbps']:6.1f} GB/s "
+                      f"{r['fraction_of_bandwidth']:5.2f} of bw  x{r['vs_torch_bf16']:.2f} torch-bf16 "
+                      f"x{r['vs_torch_fp32']:.2f} torch-fp32")
+    moe_experts = 16 if quick else 32  # enough that top-8 touches a fraction, small enough for RAM
+    for fmt in FORMATS[:2]:
+        for r in bench_moe(fmt, moe_experts, 2048, 7168, 8, bw, threads):
+            results.append(r)
+            print(f"moe  {fmt:10s} E={r['experts']} top-{r['top_k']} 2048x7168 T={r['tokens']:2d} "
+                  f"{r['us']:9.1f} us {r['gbps']:6.1f} GB/s {r['fraction_of_bandwidth']:5.2f} of bw")
+    report = {"variant": VARIANT, "threads": threads, "memory_bandwidth_gbps": bw, "results": results}
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report, f, indent=2)
+    return report
