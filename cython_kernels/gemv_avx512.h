@@ -25,6 +25,9 @@
 
 #define HM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")))
 #define HM_TB 8 /* tokens whose sums stay in registers */
+#ifndef HM_PREFETCH
+#define HM_PREFETCH 4096 /* bytes ahead of the weight stream: hides DRAM latency behind the decode */
+#endif
 
 static uint8_t hm_fp8_bf16_lo[128] __attribute__((aligned(64)));
 static uint8_t hm_fp8_bf16_hi[128] __attribute__((aligned(64)));
@@ -115,6 +118,7 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_row_fp8_nt(
     __m512 total[HM_TB], b0[HM_TB], b1[HM_TB];
     for (int t = 0; t < nt; t++) total[t] = b0[t] = b1[t] = _mm512_setzero_ps();
     for (int64_t c = 0; c < full; c += 64) {
+        _mm_prefetch((const char *)(row + c + HM_PREFETCH), _MM_HINT_T0);
         __m512i b = _mm512_loadu_si512(row + c);
         __m512i lo = _mm512_permutex2var_epi8(lo_a, b, lo_b);
         __m512i hi = _mm512_ternarylogic_epi32(sign, b, _mm512_permutex2var_epi8(hi_a, b, hi_b), 0xCA);
@@ -161,6 +165,7 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_row_int4_nt(
     __m512 total[HM_TB];
     for (int t = 0; t < nt; t++) total[t] = _mm512_setzero_ps();
     for (int64_t c = 0; c < full; c += 128) {
+        _mm_prefetch((const char *)(row + c / 2 + HM_PREFETCH), _MM_HINT_T0);
         __m512i b = _mm512_loadu_si512(row + c / 2);
         __m512i ql = _mm512_and_si512(b, nib), qh = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
         __m512i ll = _mm512_shuffle_epi8(tlo, ql), lh = _mm512_shuffle_epi8(thi, ql);
@@ -195,6 +200,8 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_row_bf16_nt(
     for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm512_setzero_ps();
     int64_t c = 0;
     for (; c + 64 <= w->cols; c += 64) {
+        _mm_prefetch((const char *)(row + c) + HM_PREFETCH, _MM_HINT_T0);
+        _mm_prefetch((const char *)(row + c) + HM_PREFETCH + 64, _MM_HINT_T0);
         __m512i v0 = _mm512_loadu_si512(row + c), v1 = _mm512_loadu_si512(row + c + 32);
         for (int t = 0; t < nt; t++) {
             const uint16_t *xt = xp + (int64_t)(t0 + t) * w->cols + c;
