@@ -106,6 +106,16 @@ static inline float hm_tail(const hm_weight *w, int64_t r, int64_t c0, const uin
     return s;
 }
 
+/* y[t][r] = the lanes of total[t] summed, plus the scalar tail of columns [full, cols). */
+HM_AVX512 static inline __attribute__((always_inline)) void hm_store_row(
+        const hm_weight *w, int64_t r, int64_t full, const uint16_t *xp, int t0, const int nt,
+        const __m512 *total, float *y, int64_t ldy) {
+    for (int t = 0; t < nt; t++) {
+        float tail = full < w->cols ? hm_tail(w, r, full, xp + (int64_t)(t0 + t) * w->cols) : 0.f;
+        y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(total[t]) + tail;
+    }
+}
+
 /* One row, tokens [t0, t0 + nt): inlined with nt a constant so that the sums stay in registers. */
 HM_AVX512 static inline __attribute__((always_inline)) void hm_row_fp8_nt(
         const hm_weight *w, int64_t r, const uint16_t *xp, int t0, const int nt, float *y, int64_t ldy) {
@@ -136,10 +146,7 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_row_fp8_nt(
             }
         }
     }
-    for (int t = 0; t < nt; t++) {
-        float tail = full < w->cols ? hm_tail(w, r, full, xp + (int64_t)(t0 + t) * w->cols) : 0.f;
-        y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(total[t]) + tail;
-    }
+    hm_store_row(w, r, full, xp, t0, nt, total, y, ldy);
 }
 
 HM_AVX512 static void hm_row_fp8(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
@@ -182,10 +189,7 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_row_int4_nt(
             total[t] = _mm512_fmadd_ps(_mm512_add_ps(a, a2), s, total[t]);
         }
     }
-    for (int t = 0; t < nt; t++) {
-        float tail = full < w->cols ? hm_tail(w, r, full, xp + (int64_t)(t0 + t) * w->cols) : 0.f;
-        y[(t0 + t) * ldy + r] = _mm512_reduce_add_ps(total[t]) + tail;
-    }
+    hm_store_row(w, r, full, xp, t0, nt, total, y, ldy);
 }
 
 HM_AVX512 static void hm_row_int4(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
