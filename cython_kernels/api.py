@@ -9,7 +9,6 @@ canonical layout: ``dense`` (bfloat16), ``fp8_b128`` or ``int4_g32``/``int4_g128
 from __future__ import annotations
 
 import os
-import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
@@ -144,13 +143,14 @@ def moe_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate:
 
     Tiles of (expert, block of rows) are spread over ``threads`` threads; no GIL is held.
     """
-    code = _variant_code(variant)
-    g, u, d, E, xf, ids, weights = _check_moe(x, ids, weights, gate, up, down)
+    return _moe_checked(_variant_code(variant), _check_moe(x, ids, weights, gate, up, down), threads)
+
+
+def _moe_checked(code: int, checked: tuple, threads: int | None) -> torch.Tensor:
+    g, u, d, E, xf, ids, weights = checked
     out = torch.empty_like(xf)
-    keep = (xf, ids, weights, out)  # alive until the call returns
     _kernels.moe_forward(code, g, u, d, E, xf.data_ptr(), xf.shape[0], ids.shape[1], ids.data_ptr(),
                          weights.data_ptr(), out.data_ptr(), threads or default_threads())
-    del keep
     return out
 
 
@@ -161,16 +161,15 @@ class MoEPool:
     def __init__(self, threads: int | None = None, cpus: list[int] | None = None) -> None:
         self.threads = threads or (len(cpus) if cpus else default_threads())
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridmoe-moe")
-        self._lock = threading.Lock()
         if cpus:  # pin the OpenMP team that the worker thread will use
             self._executor.submit(_kernels.pin_threads, list(cpus), self.threads).result()
 
-    def submit(self, *args, **kwargs) -> Future:
-        """Start ``moe_forward(*args, **kwargs)``; returns a future; inputs are checked here."""
-        if len(args) >= 6:  # fail here, not at sync, on bad input
-            _check_moe(*args[:6])
-        kwargs.setdefault("threads", self.threads)
-        return self._executor.submit(moe_forward, *args, **kwargs)
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantWeight,
+               up: QuantWeight, down: QuantWeight, *, variant: str | None = None) -> Future:
+        """Start ``moe_forward``; returns a future. Inputs are checked here, so bad input fails
+        at submit, not at sync; the future holds the checked tensors until the call returns."""
+        checked = _check_moe(x, ids, weights, gate, up, down)
+        return self._executor.submit(_moe_checked, _variant_code(variant), checked, self.threads)
 
     @staticmethod
     def sync(future: Future) -> torch.Tensor:

@@ -99,7 +99,8 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
     void *xg = malloc((size_t)n * (size_t)D * (size_t)esz);
     float *h = malloc(sizeof(float) * (size_t)n * (size_t)I * 2);
     void *hp = malloc((size_t)n * (size_t)I * (size_t)esz);
-    if (!xg || !h || !hp) { free(xg); free(h); free(hp); goto oom; }
+    float *ytmp_all = malloc(sizeof(float) * (size_t)nthreads * (size_t)n * HM_ROWS_PER_TILE);
+    if (!xg || !h || !hp || !ytmp_all) { free(xg); free(h); free(hp); free(ytmp_all); goto oom; }
     hm_prepare_x(variant, gate->fmt, x, T, D, xw);
     for (int p = 0; p < n; p++) memcpy((char *)xg + (size_t)p * D * esz, (char *)xw + (size_t)tok[p] * D * esz, (size_t)D * esz);
     memset(out, 0, sizeof(float) * (size_t)T * (size_t)D);
@@ -127,7 +128,7 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
 #pragma omp for schedule(static)
         for (int p = 0; p < n; p++) hm_prepare_x(variant, down->fmt, g + (size_t)p * I, 1, I, (char *)hp + (size_t)p * I * esz);
         /* 3: down for every block of D rows over all active experts; a tile owns its output rows. */
-        float *ytmp = malloc(sizeof(float) * (size_t)n * HM_ROWS_PER_TILE);
+        float *ytmp = ytmp_all + (size_t)omp_get_thread_num() * n * HM_ROWS_PER_TILE;
 #pragma omp for schedule(dynamic, 1)
         for (int64_t tile = 0; tile < dt; tile++) {
             int64_t r0 = tile * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < D ? r0 + HM_ROWS_PER_TILE : D;
@@ -143,9 +144,8 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
                         out[(int64_t)tok[p0 + t] * D + r] += tw[p0 + t] * ytmp[t * HM_ROWS_PER_TILE + (r - r0)];
             }
         }
-        free(ytmp);
     }
-    free(xg); free(h); free(hp);
+    free(xg); free(h); free(hp); free(ytmp_all);
     free(count); free(tok); free(act); free(tw); free(start); free(xw);
     return 0;
 oom:

@@ -35,8 +35,6 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    import torch
-
     from shared.generate import demo_model_path, generate
     from shared.model import DTYPES, load_model
     from shared.tokenizer import Tokenizer
@@ -47,7 +45,6 @@ def _cmd_generate(args: argparse.Namespace) -> int:
               file=sys.stderr)
     model = load_model(path, dtype=DTYPES[args.dtype] if args.dtype else None)
     tokenizer = Tokenizer(path)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     t0 = time.perf_counter()
     ids: list[int] = []
     shown = ""

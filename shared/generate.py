@@ -7,6 +7,7 @@ that the engines are compared with, and what ``hybridmoe generate`` runs on a sm
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -68,7 +69,5 @@ def demo_model_path(progress: bool = False) -> Path:
     try:
         tmp.rename(path)  # atomic: a concurrent maker's copy wins, ours is dropped
     except OSError:
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return path

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from shared.checkpoint import Checkpoint, ShardWriter, WeightSpec
+from shared.checkpoint import Checkpoint, HFConfig, ShardWriter, WeightSpec
 from shared.model import family_of
 from shared.quant import QuantWeight, checkpoint_format, int4_group, quantize
 from shared.tokenizer import TOKENIZER_SIZES, TOKENIZER_WRITERS, Tokenizer
@@ -153,8 +153,9 @@ def make_model(preset: str, out: str | Path, layers: int | None = None, quant: s
     out.mkdir(parents=True, exist_ok=True)
     if qc := _quant_config(fmt):
         cfg["quantization_config"] = qc
-    fam = family_of(_config_view(cfg, out))
-    specs = fam.weight_specs(fam.args_from_config(_config_view(cfg, out)))
+    view = HFConfig(cfg, out / "config.json")
+    fam = family_of(view)
+    specs = fam.weight_specs(fam.args_from_config(view))
     writer = ShardWriter(out, max_shard_bytes)
     gen = torch.Generator().manual_seed(seed)
     roles = _quantized_roles(fmt)
@@ -183,12 +184,6 @@ def _as(fmt: str, w: torch.Tensor, name: str) -> QuantWeight:
         return quantize(w.to(torch.bfloat16) if fmt == "dense" else w, fmt)
     except ValueError as e:
         raise ValueError(f"{name}: {e}") from e
-
-
-def _config_view(cfg: dict, out: Path):
-    from shared.checkpoint import HFConfig
-
-    return HFConfig(cfg, out / "config.json")
 
 
 def quantize_checkpoint(src: str | Path, dst: str | Path, quant: str, max_shard_bytes: int = 4 << 30,

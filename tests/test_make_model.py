@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def test_same_seed_same_weights(tmp_path):
 def test_real_shape_presets(preset, expect):
     cfg, _ = preset_config(preset, layers=2)
     assert cfg["num_hidden_layers"] == 2 and all(cfg[k] == v for k, v in expect.items())
-    view = HFConfig(cfg, __import__("pathlib").Path("config.json"))
+    view = HFConfig(cfg, Path("config.json"))
     fam = family_of(view)
     specs = {s.name: s for s in fam.weight_specs(fam.args_from_config(view))}
     experts = [s for s in specs.values() if s.role == "experts"]
