@@ -4,6 +4,8 @@ The variant is chosen once, at import, from CPUID (``CPU_FEATURES``) and can be 
 environment variable HYBRIDMOE_KERNEL. ``VARIANT`` names the one in use:
 
 - ``avx512_bf16``: AVX-512 BW + VBMI + BF16 (Zen 4 and later, Sapphire Rapids and later).
+- ``avx512f``: AVX-512 Foundation only (Skylake-SP, Ice Lake, Knights Landing): fp32 FMA.
+- ``avx2``: AVX2 + FMA (Haswell and later, Zen 1-3): fp32 FMA, 8 lanes.
 - ``generic``: portable C, for every other CPU (and as the reference the others are tested against).
 
 The API (``gemv``, ``moe_forward``, ``submit_moe``) lives in ``cython_kernels.api``.
@@ -14,13 +16,14 @@ from __future__ import annotations
 from cython_kernels._cpuinfo import cpu_features
 from shared import envs
 
-VARIANTS = ("avx512_bf16", "generic")  # best first
+VARIANTS = ("avx512_bf16", "avx512f", "avx2", "generic")  # best first
 CPU_FEATURES: dict[str, bool] = cpu_features()
 
 
 def supported_variants(features: dict[str, bool] | None = None) -> list[str]:
     f = CPU_FEATURES if features is None else features
-    ok = {"avx512_bf16": f["avx512bw"] and f["avx512_bf16"] and f["avx512_vbmi"], "generic": True}
+    ok = {"avx512_bf16": f["avx512bw"] and f["avx512_bf16"] and f["avx512_vbmi"], "avx512f": f["avx512f"],
+          "avx2": f["avx2"], "generic": True}
     return [v for v in VARIANTS if ok[v]]
 
 

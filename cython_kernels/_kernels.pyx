@@ -24,7 +24,7 @@ cdef extern from "moe.h" nogil:
 
 hm_init()
 
-VARIANT_CODES = {"generic": 0, "avx512_bf16": 1}
+VARIANT_CODES = {"generic": 0, "avx512_bf16": 1, "avx512f": 2, "avx2": 3}
 
 
 cdef hm_weight _weight(tuple w):

@@ -13,7 +13,8 @@ import time
 
 import torch
 
-from cython_kernels import VARIANT, api
+import cython_kernels
+from cython_kernels import api
 from shared.quant import quantize
 
 SHAPES = {"deepseek-v3 gate/up": (2048, 7168), "deepseek-v3 down": (7168, 2048),
@@ -44,7 +45,7 @@ def memory_bandwidth(threads: int) -> float:
     return max(buf.numel() * 8 / _time(lambda i: buf.sum(), 1, 0.5) / 1e9 for _ in range(3))
 
 
-def bench_gemv(fmt: str, shape: tuple[int, int], bw: float, threads: int) -> list[dict]:
+def bench_gemv(fmt: str, shape: tuple[int, int], bw: float, threads: int, variant: str) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     one = quantize(torch.randn(shape, generator=g).bfloat16() if fmt == "dense" else torch.randn(shape, generator=g),
                    fmt)
@@ -58,7 +59,7 @@ def bench_gemv(fmt: str, shape: tuple[int, int], bw: float, threads: int) -> lis
         x = torch.randn(T, shape[1], generator=g)
         xb = x.bfloat16()
         out = torch.empty(T, shape[0])
-        t_k = _time(lambda i, x=x, out=out: api.gemv(x, ws[i], out=out, threads=threads), len(ws))
+        t_k = _time(lambda i, x=x, out=out: api.gemv(x, ws[i], out=out, threads=threads, variant=variant), len(ws))
         t_b = _time(lambda i, xb=xb: torch.matmul(xb, bf16[i].T), len(bf16))
         t_f = _time(lambda i, x=x: torch.matmul(x, fp32[i].T), len(fp32))
         gbps = one.nbytes / t_k / 1e9
@@ -68,7 +69,8 @@ def bench_gemv(fmt: str, shape: tuple[int, int], bw: float, threads: int) -> lis
     return rows
 
 
-def bench_moe(fmt: str, E: int, I: int, D: int, top_k: int, bw: float, threads: int) -> list[dict]:
+def bench_moe(fmt: str, E: int, I: int, D: int, top_k: int, bw: float, threads: int,
+              variant: str) -> list[dict]:
     g = torch.Generator().manual_seed(1)
 
     def w(*shape):
@@ -83,7 +85,7 @@ def bench_moe(fmt: str, E: int, I: int, D: int, top_k: int, bw: float, threads: 
         routings = [torch.stack([torch.randperm(E, generator=g)[:top_k] for _ in range(T)]) for _ in range(16)]
         weights = torch.rand(T, top_k, generator=g)
         def call(i: int, x=x, r=routings, w=weights) -> None:
-            api.moe_forward(x, r[i], w, gate, up, down, threads=threads)
+            api.moe_forward(x, r[i], w, gate, up, down, threads=threads, variant=variant)
 
         t = _time(call, 16)
         touched = sum(len(r.unique()) for r in routings) / len(routings) * per_expert
@@ -93,26 +95,30 @@ def bench_moe(fmt: str, E: int, I: int, D: int, top_k: int, bw: float, threads: 
     return rows
 
 
-def run(json_path: str | None = None, threads: int | None = None, quick: bool = False) -> dict:
+def run(json_path: str | None = None, threads: int | None = None, quick: bool = False,
+        variant: str | None = None) -> dict:
     threads = threads or api.default_threads()
+    variant = variant or cython_kernels.VARIANT
+    if variant not in cython_kernels.supported_variants():
+        raise ValueError(f"kernel variant {variant!r} is not one this CPU runs: {cython_kernels.supported_variants()}")
     bw = memory_bandwidth(threads)
-    print(f"kernel variant {VARIANT}, {threads} threads; measured memory-read bandwidth {bw:.1f} GB/s")
+    print(f"kernel variant {variant}, {threads} threads; measured memory-read bandwidth {bw:.1f} GB/s")
     results: list[dict] = []
     shapes = dict(list(SHAPES.items())[:1]) if quick else SHAPES
     for fmt in FORMATS:
         for name, shape in shapes.items():
-            for r in bench_gemv(fmt, shape, bw, threads):
+            for r in bench_gemv(fmt, shape, bw, threads, variant):
                 results.append({**r, "name": name})
                 print(f"gemv {fmt:10s} {name:22s} T={r['tokens']:2d} {r['us']:9.1f} us {r['gbps']:6.1f} GB/s "
                       f"{r['fraction_of_bandwidth']:5.2f} of bw  x{r['vs_torch_bf16']:.2f} torch-bf16 "
                       f"x{r['vs_torch_fp32']:.2f} torch-fp32")
     moe_experts = 16 if quick else 32  # enough that top-8 touches a fraction, small enough for RAM
     for fmt in FORMATS[:2]:
-        for r in bench_moe(fmt, moe_experts, 2048, 7168, 8, bw, threads):
+        for r in bench_moe(fmt, moe_experts, 2048, 7168, 8, bw, threads, variant):
             results.append(r)
             print(f"moe  {fmt:10s} E={r['experts']} top-{r['top_k']} 2048x7168 T={r['tokens']:2d} "
                   f"{r['us']:9.1f} us {r['gbps']:6.1f} GB/s {r['fraction_of_bandwidth']:5.2f} of bw")
-    report = {"variant": VARIANT, "threads": threads, "memory_bandwidth_gbps": bw, "results": results}
+    report = {"variant": variant, "threads": threads, "memory_bandwidth_gbps": bw, "results": results}
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)

@@ -11,8 +11,9 @@
 #include <omp.h>
 #include "gemv_generic.h"
 #include "gemv_avx512.h"
+#include "gemv_f32simd_variants.h"
 
-enum { HM_GENERIC = 0, HM_AVX512_BF16 = 1 };
+enum { HM_GENERIC = 0, HM_AVX512_BF16 = 1, HM_AVX512F = 2, HM_AVX2 = 3 };
 #define HM_ROWS_PER_TILE 16
 
 static void hm_init(void) {
@@ -22,12 +23,14 @@ static void hm_init(void) {
 #endif
 }
 
-/* Bytes per element of prepared activations. */
-static inline int hm_xp_elem(int variant) { return variant == HM_GENERIC ? 4 : 2; }
+/* Bytes per element of prepared activations: bf16 for the BF16 dot products, fp32 otherwise. */
+static inline int hm_xp_elem(int variant) { return variant == HM_AVX512_BF16 ? 2 : 4; }
 
 static void hm_prepare_x(int variant, int fmt, const float *x, int T, int64_t in, void *xp) {
 #if defined(__x86_64__)
     if (variant == HM_AVX512_BF16) { hm_prepare_x_avx512(fmt, x, T, in, (uint16_t *)xp); return; }
+    if (variant == HM_AVX512F) { hm_prepare_x_avx512f(fmt, x, T, in, (float *)xp); return; }
+    if (variant == HM_AVX2) { hm_prepare_x_avx2(fmt, x, T, in, (float *)xp); return; }
 #endif
     (void)fmt;
     hm_prepare_x_generic(x, T, in, (float *)xp);
@@ -37,6 +40,8 @@ static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, int T,
                          int64_t r0, int64_t r1) {
 #if defined(__x86_64__)
     if (variant == HM_AVX512_BF16) { hm_gemv_rows_avx512(w, (const uint16_t *)xp, T, y, ldy, r0, r1); return; }
+    if (variant == HM_AVX512F) { hm_gemv_rows_avx512f(w, (const float *)xp, T, y, ldy, r0, r1); return; }
+    if (variant == HM_AVX2) { hm_gemv_rows_avx2(w, (const float *)xp, T, y, ldy, r0, r1); return; }
 #endif
     hm_gemv_rows_generic(w, (const float *)xp, T, y, ldy, r0, r1);
 }

@@ -66,7 +66,7 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 def _cmd_bench(args: argparse.Namespace) -> int:
     from cython_kernels import bench
 
-    bench.run(args.json, threads=args.threads, quick=args.quick)
+    bench.run(args.json, threads=args.threads, quick=args.quick, variant=args.variant)
     return 0
 
 
@@ -109,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", help="also write the results to this JSON file")
     b.add_argument("--threads", type=int, help="threads (default: every CPU this process may use)")
     b.add_argument("--quick", action="store_true", help="one shape and fewer experts (a smoke run)")
+    b.add_argument("--variant", help="kernel variant to measure (default: the one chosen for this CPU)")
     b.set_defaults(fn=_cmd_bench)
     return p
 

@@ -46,6 +46,19 @@ def test_gemv_matches_reference(variant, fmt, tokens):
         assert err < 1e-4, f"{fmt} {shape} relative error {err}"
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp8_decodes_every_code(variant):
+    """All 254 finite e4m3 codes (subnormals, both zeros, the largest) in every row, permuted."""
+    codes = torch.tensor([c for c in range(256) if c & 0x7F != 0x7F], dtype=torch.uint8)
+    g = torch.Generator().manual_seed(1)
+    data = torch.stack([codes[torch.randperm(len(codes), generator=g)] for _ in range(16)])
+    w = QuantWeight("fp8_b128", data.view(torch.float8_e4m3fn), torch.full((1, 2), 0.5), (16, 254))
+    x = torch.randn(3, 254, generator=g)
+    ref = x.bfloat16().float() @ dequantize(w).T
+    y = api.gemv(x, w, variant=variant)
+    assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
+
+
 def test_gemv_bf16_activations_and_out_buffer():
     w = _q(torch.randn(64, 256) * 0.05, "fp8_b128")
     x = torch.randn(3, 256).bfloat16()

@@ -1,0 +1,25 @@
+/* Undoes one variant's mapping of gemv_f32simd.h's primitives (see gemv_f32simd_variants.h). */
+#undef HM_TGT
+#undef HM_SFX
+#undef HM_VW
+#undef HM_TBV
+#undef hm_v
+#undef hm_vi
+#undef hm_v_zero
+#undef hm_v_set1
+#undef hm_v_loadu
+#undef hm_v_fmadd
+#undef hm_v_reduce
+#undef hm_vi_set1
+#undef hm_vi_load_u8
+#undef hm_vi_load_u16
+#undef hm_vi_and
+#undef hm_vi_or
+#undef hm_vi_add
+#undef hm_vi_sub
+#undef hm_vi_slli
+#undef hm_vi_srli
+#undef hm_vi_as_v
+#undef hm_v_as_vi
+#undef hm_vi_to_v
+#undef hm_v_fix_subnormal
