@@ -24,6 +24,7 @@ from shared.layers import (
     RoutedExperts,
     causal_attention,
     rope_parameters,
+    suffix_causal_mask,
     yarn_mscale,
 )
 
@@ -220,6 +221,53 @@ class MLAttention(nn.Module):
         k = torch.cat((k_nope, k_rope.expand(-1, a.num_attention_heads, -1, -1)), dim=-1)
         out = causal_attention(torch.cat((q_nope, q_rope), dim=-1), k, v, self.scale)
         return F.linear(out, self.o_proj)
+
+    # The cached form the engines use. A token's cache entry is the normalised latent and the
+    # rope key, rope applied: kv_lora_rank + qk_rope_head_dim values, not per-head K/V.
+
+    @property
+    def kv_width(self) -> int:
+        return self.a.kv_lora_rank + self.a.qk_rope_head_dim
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D], positions [N] -> queries [N, H, N + R] (rope applied), entries [N, kv_width]."""
+        a = self.a
+        q_nope, q_rope = self.query(x).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        latent, k_rope = self.latent(x)
+        cos, sin = self.rotary.cos_sin(positions.unsqueeze(0), x.dtype)
+        q_rope = self.rotary.apply(q_rope.transpose(0, 1).unsqueeze(0), cos, sin)[0].transpose(0, 1)
+        k_rope = self.rotary.apply(k_rope.unsqueeze(0).unsqueeze(0), cos, sin)[0, 0]
+        return torch.cat((q_nope, q_rope), dim=-1), torch.cat((latent, k_rope), dim=-1)
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor, absorbed: bool = False) -> torch.Tensor:
+        """One sequence: q [T, H, N + R] for its last T tokens, kv [L, kv_width] -> [T, H * V].
+
+        ``absorbed`` (decode): W_UK is folded into the query and W_UV applied after the weighted
+        sum, so attention runs over the L cached latents directly, with no per-head K/V expanded.
+        Otherwise (prefill) the latents are expanded through kv_b_proj into per-head K and V."""
+        a = self.a
+        H, L = a.num_attention_heads, kv.shape[0]
+        latent, k_rope = kv.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        mask = suffix_causal_mask(q.shape[0], L, q.device)
+        if not absorbed:
+            kvb = F.linear(latent, self.kv_b_proj).view(L, H, -1).transpose(0, 1)  # [H, L, N + V]
+            k_nope, v = kvb.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
+            k = torch.cat((k_nope, k_rope.expand(H, L, -1)), dim=-1)
+            out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=self.scale)
+            return out.transpose(0, 1).flatten(1)
+        w = self.kv_b_proj.view(H, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+        w_uk, w_uv = w.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
+        q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)
+        scores = (torch.einsum("thc,lc->thl", q_lat, latent) + torch.einsum("thr,lr->thl", q_rope, k_rope)).float()
+        scores = scores * self.scale
+        if mask is not None:
+            scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
+        o_lat = torch.einsum("thl,lc->thc", scores.softmax(dim=-1).to(latent.dtype), latent)
+        return torch.einsum("thc,hvc->thv", o_lat, w_uv).flatten(1)
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        return F.linear(o, self.o_proj)
 
 
 class GroupLimitedRouter(nn.Module):

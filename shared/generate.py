@@ -1,4 +1,4 @@
-"""Sampling, and a simple reference generation loop over the full-sequence forward.
+"""A simple reference generation loop over the full-sequence forward.
 
 The loop recomputes the whole sequence at every step (no KV cache): it is the plain reference
 that the engines are compared with, and what ``hybridmoe generate`` runs on a small model.
@@ -15,29 +15,11 @@ import torch
 
 from shared import envs
 from shared.layers import CausalLM
+from shared.sampling import sample
 from shared.tokenizer import Tokenizer
 
 DEMO_PRESET = "demo"
 DEMO_VERSION = 1
-
-
-def sample(logits: torch.Tensor, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
-           generator: torch.Generator | None = None) -> torch.Tensor:
-    """logits [B, V] -> token ids [B]. Greedy when temperature is 0."""
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-        raise ValueError(f"bad sampling parameters: temperature={temperature}, top_p={top_p}, top_k={top_k}")
-    if temperature == 0:
-        return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
-    if top_k:
-        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = logits.softmax(dim=-1)
-    if top_p < 1:
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        drop = sorted_p.cumsum(dim=-1) - sorted_p > top_p  # keep the smallest set reaching top_p
-        probs = probs.scatter(-1, order, sorted_p.masked_fill(drop, 0.0))
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
 def generate(model: CausalLM, tokenizer: Tokenizer, prompt: str, max_tokens: int = 32,

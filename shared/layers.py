@@ -111,6 +111,14 @@ class Rotary(nn.Module):
         return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
 
 
+def suffix_causal_mask(T: int, L: int, device: torch.device) -> torch.Tensor | None:
+    """For T new tokens that are the last T of L: [T, L] bool, True where a query may attend
+    (every earlier token and itself); None when T == 1 (the one new token sees everything)."""
+    if T == 1:
+        return None
+    return torch.ones(T, L, dtype=torch.bool, device=device).tril(L - T)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
     """q [B, H, T, Dh], k [B, H or K, T, Dh], v [B, H or K, T, Dv] -> [B, T, H * Dv]."""
     out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale,
@@ -181,14 +189,25 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """x [T, D], ids [T, k], weights [T, k] -> [T, D]."""
-        out = torch.zeros_like(x)
-        for e in ids.unique().tolist():
-            tok, slot = torch.where(ids == e)
-            gate, up, down = self.expert(e, x.dtype)
-            xe = x[tok]
-            ye = F.linear(F.silu(F.linear(xe, gate)) * F.linear(xe, up), down)
-            out.index_add_(0, tok, (ye * weights[tok, slot, None]).to(x.dtype))
-        return out
+        return experts_forward(x, ids, weights, self.weight("gate"), self.weight("up"), self.weight("down"))
+
+
+def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantWeight,
+                    up: QuantWeight, down: QuantWeight, first: int = 0) -> torch.Tensor:
+    """The pure-torch routed experts: each chosen expert's weights dequantized and applied with
+    ``F.linear``. gate/up/down hold experts ``first .. first + E - 1`` (a rank's or a staging
+    slot's share); choices of other experts contribute nothing."""
+    out = torch.zeros_like(x)
+    E = gate.shape[0]
+    for e in ids.unique().tolist():
+        if not first <= e < first + E:
+            continue
+        tok, slot = torch.where(ids == e)
+        g, u, d = (w[e - first].dequantize(x.dtype) for w in (gate, up, down))
+        xe = x[tok]
+        ye = F.linear(F.silu(F.linear(xe, g)) * F.linear(xe, u), d)
+        out.index_add_(0, tok, (ye * weights[tok, slot, None]).to(x.dtype))
+    return out
 
 
 class MoE(nn.Module):
@@ -294,3 +313,28 @@ class GQAttention(nn.Module):
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x, positions)
         return F.linear(causal_attention(q, k, v, self.head_dim**-0.5), self.o_proj)
+
+    # The cached form the engines use: project a flat batch of tokens, attend one sequence at a
+    # time over its cache, project out. A token's cache entry is its K and V, rope applied.
+
+    @property
+    def kv_width(self) -> int:
+        return 2 * self.kv_heads * self.head_dim
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, D], positions [N] -> queries [N, H, Dh], cache entries [N, kv_width]."""
+        q, k, v = self.qkv(x.unsqueeze(0), positions.unsqueeze(0))  # [1, heads, N, Dh]
+        entry = torch.cat((k[0].transpose(0, 1).flatten(1), v[0].transpose(0, 1).flatten(1)), dim=-1)
+        return q[0].transpose(0, 1), entry
+
+    def attend(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        """One sequence: q [T, H, Dh] for its last T tokens, kv [L, kv_width] -> [T, H * Dh]."""
+        L = kv.shape[0]
+        k, v = kv.view(L, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)  # each [K, L, Dh]
+        out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, scale=self.head_dim**-0.5,
+                                             attn_mask=suffix_causal_mask(q.shape[0], L, q.device),
+                                             enable_gqa=self.kv_heads != self.heads)
+        return out.transpose(0, 1).flatten(1)
+
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        return F.linear(o, self.o_proj)

@@ -60,6 +60,11 @@ class QuantWeight:
         scale = None if self.scale is None else self.scale[i]
         return QuantWeight(self.fmt, self.data[i], scale, self.shape[1:])
 
+    def experts(self, start: int, end: int) -> QuantWeight:
+        """Experts ``start .. end - 1`` of a stacked weight (a view, no copy)."""
+        scale = None if self.scale is None else self.scale[start:end]
+        return QuantWeight(self.fmt, self.data[start:end], scale, (end - start, *self.shape[1:]))
+
     def to(self, device: torch.device | str) -> QuantWeight:
         scale = None if self.scale is None else self.scale.to(device)
         return QuantWeight(self.fmt, self.data.to(device), scale, self.shape)

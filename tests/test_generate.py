@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from shared.generate import demo_model_path, generate, sample
+from shared.generate import demo_model_path, generate
 from shared.model import load_model
+from shared.sampling import sample
 from shared.tokenizer import Tokenizer
 
 

@@ -1,0 +1,50 @@
+"""Expert backends for the model runner: the CPU kernels (whole-layer MoE call, optionally on a
+background pool so that attention overlaps it), and a check of which backend a model can use."""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+
+import torch
+
+from cython_kernels import api
+from shared.layers import CausalLM, MoE, RoutedExperts
+
+KERNEL_FORMATS = ("dense", "fp8_b128", "int4_g32", "int4_g128")
+
+
+def kernel_unsupported_reason(model: CausalLM) -> str | None:
+    """Why the CPU kernels cannot run this model's routed experts, or None if they can."""
+    for layer in model.layers:
+        if isinstance(layer.ffn, MoE):
+            ex = layer.ffn.experts
+            g = ex.weight("gate")
+            if g.data.device.type != "cpu":
+                return f"routed experts are on {g.data.device}, the kernels need host memory"
+            if ex.fmt not in KERNEL_FORMATS or (ex.fmt == "dense" and g.data.dtype != torch.bfloat16):
+                return f"routed experts are {ex.fmt} {g.data.dtype}; the kernels take bf16, fp8 or int4"
+    return None
+
+
+class KernelExperts:
+    """Routed experts through ``cython_kernels``: one whole-layer call per 64 tokens. With a
+    ``pool`` the calls run on its background thread (no GIL held) and ``start`` returns at once."""
+
+    def __init__(self, threads: int | None = None, pool: api.MoEPool | None = None, variant: str | None = None):
+        self.threads, self.pool, self.variant = threads, pool, variant
+
+    def start(self, layer: int, experts: RoutedExperts, x: torch.Tensor, ids: torch.Tensor,
+              weights: torch.Tensor) -> list:
+        g, u, d = experts.weight("gate"), experts.weight("up"), experts.weight("down")
+        parts = []
+        for t0 in range(0, x.shape[0], api.MAX_TOKENS):
+            sl = slice(t0, t0 + api.MAX_TOKENS)
+            xs, ids_s, w_s = x[sl], ids[sl].contiguous(), weights[sl].float().contiguous()
+            if self.pool is not None:
+                parts.append(self.pool.submit(xs, ids_s, w_s, g, u, d, variant=self.variant))
+            else:
+                parts.append(api.moe_forward(xs, ids_s, w_s, g, u, d, variant=self.variant, threads=self.threads))
+        return parts
+
+    def finish(self, handle: list) -> torch.Tensor:
+        return torch.cat([p.result() if isinstance(p, Future) else p for p in handle])

@@ -1,0 +1,147 @@
+"""The model step both engines run: a flat batch of sequence segments through every layer, with
+the KV cache, the routed experts on a pluggable backend, and an optional dual-batch overlap.
+
+A :class:`Segment` is T new tokens of one sequence whose first ``start`` tokens are already in its
+cache. The dense parts run batched over all tokens; attention runs one sequence at a time over
+that sequence's cache (paged or contiguous: anything with ``write(layer, start, entries)`` and
+``read(layer, length)``).
+
+Routed experts go through an :class:`ExpertsBackend`: ``start`` begins one layer's experts for a
+batch of tokens and returns a handle, ``finish`` returns their output. With ``overlap`` the batch
+is split into two micro-batches and, per layer, one's experts run (on the CPU kernel pool) while
+the other's attention runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from shared.deepseek_v3 import MLAttention
+from shared.layers import CausalLM, DecoderLayer, MoE, RoutedExperts
+
+
+class KVStore(Protocol):
+    def write(self, layer: int, start: int, entries: torch.Tensor) -> None: ...
+    def read(self, layer: int, length: int) -> torch.Tensor: ...
+
+
+@dataclass
+class Segment:
+    tokens: torch.Tensor  # [T] int64, the new tokens
+    start: int  # tokens of this sequence already cached
+    kv: KVStore
+    all_logits: bool = False  # logits for every new token (prompt scoring), not only the last
+
+    @property
+    def end(self) -> int:
+        return self.start + self.tokens.shape[0]
+
+
+class ExpertsBackend(Protocol):
+    def start(self, layer: int, experts: RoutedExperts, x: torch.Tensor, ids: torch.Tensor,
+              weights: torch.Tensor) -> Any: ...
+    def finish(self, handle: Any) -> torch.Tensor: ...
+
+
+class TorchExperts:
+    """The pure-torch reference (dequantize each chosen expert, F.linear), on the model's device."""
+
+    def start(self, layer, experts, x, ids, weights):
+        return experts(x, ids, weights)
+
+    def finish(self, handle):
+        return handle
+
+
+KVHook = Callable[[int, Segment, torch.Tensor], None]  # (layer, segment, its new entries)
+
+
+class _MicroBatch:
+    def __init__(self, segments: list[Segment], device: torch.device) -> None:
+        self.segments = segments
+        self.positions = torch.cat([torch.arange(s.start, s.end) for s in segments]).to(device)
+        self.sizes = [s.tokens.shape[0] for s in segments]
+        self.x: torch.Tensor | None = None
+        self.pending: tuple | None = None  # (handle, shared output or None) of a layer's experts
+
+
+class ModelRunner:
+    def __init__(self, model: CausalLM, experts: ExpertsBackend | None = None, absorbed_mla: bool = False) -> None:
+        self.model = model
+        self.experts = experts or TorchExperts()
+        self.absorbed_mla = absorbed_mla
+
+    @torch.inference_mode()
+    def forward(self, segments: list[Segment], overlap: bool = False, kv_hook: KVHook | None = None,
+                layer_hook: Callable[[int], None] | None = None) -> list[torch.Tensor]:
+        """Run the segments; returns per segment fp32 logits [V] for its last token, or [T, V]
+        for every new token when ``all_logits``. ``kv_hook`` sees each layer's new cache entries
+        of each segment as soon as they exist; ``layer_hook(layer)`` runs before each layer."""
+        m = self.model
+        if overlap and len(segments) >= 2:
+            half = _balanced_split([s.tokens.shape[0] for s in segments])
+            mbs = [_MicroBatch(segments[:half], m.device), _MicroBatch(segments[half:], m.device)]
+        else:
+            mbs = [_MicroBatch(segments, m.device)]
+        for mb in mbs:
+            mb.x = F.embedding(torch.cat([s.tokens for s in mb.segments]).to(m.device), m.embed)
+        for li, layer in enumerate(m.layers):
+            if layer_hook is not None:
+                layer_hook(li)
+            for mb in mbs:  # mb's attention runs while the other's experts of this or the last layer run
+                self._finish_ffn(mb)
+                self._attention(li, layer, mb, kv_hook)
+                self._start_ffn(li, layer, mb)
+        out = []
+        for mb in mbs:
+            self._finish_ffn(mb)
+            h = m.norm(mb.x)
+            for s, hs in zip(mb.segments, h.split(mb.sizes), strict=True):
+                out.append(F.linear(hs if s.all_logits else hs[-1], m.lm_head).float())
+        return out
+
+    def _attention(self, li: int, layer: DecoderLayer, mb: _MicroBatch, kv_hook: KVHook | None) -> None:
+        attn = layer.attn
+        q, entries = attn.project(layer.input_norm(mb.x), mb.positions)
+        kwargs = {"absorbed": True} if self.absorbed_mla and isinstance(attn, MLAttention) else {}
+        outs = []
+        for s, qs, es in zip(mb.segments, q.split(mb.sizes), entries.split(mb.sizes), strict=True):
+            s.kv.write(li, s.start, es)
+            if kv_hook is not None:
+                kv_hook(li, s, es)
+            outs.append(attn.attend(qs, s.kv.read(li, s.end), **kwargs))
+        mb.x = mb.x + attn.output(torch.cat(outs))
+
+    def _start_ffn(self, li: int, layer: DecoderLayer, mb: _MicroBatch) -> None:
+        h = layer.post_norm(mb.x)
+        if not isinstance(layer.ffn, MoE):
+            mb.x = mb.x + layer.ffn(h)
+            return
+        ids, weights = layer.ffn.router(h)
+        handle = self.experts.start(li, layer.ffn.experts, h, ids, weights)
+        shared = layer.ffn.shared(h) if layer.ffn.shared is not None else None
+        mb.pending = (handle, shared)
+
+    def _finish_ffn(self, mb: _MicroBatch) -> None:
+        if mb.pending is None:
+            return
+        handle, shared = mb.pending
+        mb.pending = None
+        y = self.experts.finish(handle).to(mb.x.dtype)
+        mb.x = mb.x + (y if shared is None else y + shared)
+
+
+def _balanced_split(sizes: list[int]) -> int:
+    """The index that splits ``sizes`` into two non-empty runs of nearly equal total."""
+    total, acc, best, best_gap = sum(sizes), 0, 1, None
+    for i in range(1, len(sizes)):
+        acc += sizes[i - 1]
+        gap = abs(total - 2 * acc)
+        if best_gap is None or gap < best_gap:
+            best, best_gap = i, gap
+    return best
