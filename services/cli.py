@@ -64,9 +64,15 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from cython_kernels import bench
+    if args.what == "kernels":
+        from cython_kernels import bench
 
-    bench.run(args.json, threads=args.threads, quick=args.quick, variant=args.variant)
+        bench.run(args.json, threads=args.threads, quick=args.quick, variant=args.variant)
+    else:
+        from services.engine import bench as ebench
+
+        ebench.run(args.preset, args.layers, args.quant, args.model, args.prompt_len, args.steps, args.json,
+                   compare=not args.no_compare, threads=args.threads)
     return 0
 
 
@@ -105,11 +111,20 @@ def build_parser() -> argparse.ArgumentParser:
     g.set_defaults(fn=_cmd_generate)
 
     b = sub.add_parser("bench", help="benchmarks that print figures (and write JSON)")
-    b.add_argument("what", choices=["kernels"], help="kernels: CPU expert kernels vs memory bandwidth and torch")
+    b.add_argument("what", choices=["kernels", "decode"],
+                   help="kernels: CPU expert kernels vs memory bandwidth and torch; decode: the engines on a "
+                        "real-shaped checkpoint (decode tok/s, roofline fraction, CPU prefill vs transformers)")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.add_argument("--threads", type=int, help="threads (default: every CPU this process may use)")
     b.add_argument("--quick", action="store_true", help="one shape and fewer experts (a smoke run)")
-    b.add_argument("--variant", help="kernel variant to measure (default: the one chosen for this CPU)")
+    b.add_argument("--variant", help="kernels: the variant to measure (default: the one chosen for this CPU)")
+    b.add_argument("--model", help="decode: a checkpoint folder (default: make one from --preset)")
+    b.add_argument("--preset", default="qwen3-30b-a3b", help="decode: make-model preset (default: qwen3-30b-a3b)")
+    b.add_argument("--layers", type=int, default=4, help="decode: layers of the made checkpoint (default: 4)")
+    b.add_argument("--quant", default="fp8", help="decode: format of the made checkpoint (default: fp8)")
+    b.add_argument("--prompt-len", type=int, default=256, help="decode: prefill prompt length (default: 256)")
+    b.add_argument("--steps", type=int, default=8, help="decode: timed steps per batch size (default: 8)")
+    b.add_argument("--no-compare", action="store_true", help="decode: skip the transformers comparison")
     b.set_defaults(fn=_cmd_bench)
     return p
 

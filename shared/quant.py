@@ -102,7 +102,10 @@ def quantize_fp8_b128(w: torch.Tensor) -> QuantWeight:
 
 
 def dequantize_fp8_b128(data: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    out_f, in_f = data.shape[-2:]
+    *lead, out_f, in_f = data.shape
+    if out_f % FP8_BLOCK == 0 and in_f % FP8_BLOCK == 0:  # whole blocks: broadcast, nothing expanded
+        blocks = data.float().unflatten(-1, (-1, FP8_BLOCK)).unflatten(-3, (-1, FP8_BLOCK))
+        return (blocks * scale.float()[..., :, None, :, None]).reshape(*lead, out_f, in_f).to(dtype)
     return (data.float() * _expand_blocks(scale.float(), out_f, in_f)).to(dtype)
 
 

@@ -30,7 +30,7 @@ def test_chunked_prefill_equals_forward(tiny_models, preset, chunk):
     prompt = _prompt(m, 23, 0)
     ref = m(torch.tensor([prompt]))[0]
     seen = []
-    eng = PrefillEngine(m, chunk_size=chunk)
+    eng = PrefillEngine(m, chunk_size=chunk, copy_on_cpu=chunk != 64)
     res = eng.prefill(prompt, on_kv=lambda layer, start, e: seen.append((layer, start, e.shape[0])), all_logits=True)
     eng.close()
     assert (res.logits - ref).abs().max() < 1e-4
@@ -104,7 +104,7 @@ def test_batch_equals_alone(tiny_models, preset, overlap):
 
 def test_streamer_overlaps_copy_with_compute_and_never_overwrites_a_slot_in_use(tiny_models):
     m = _model(tiny_models, "tiny-qwen3-moe")
-    eng = PrefillEngine(m, chunk_size=3, depth=2)
+    eng = PrefillEngine(m, chunk_size=3, depth=2, copy_on_cpu=True)
     eng.prefill(_prompt(m, 9, 2))
     trace = eng.streamer.trace
     eng.close()
@@ -135,7 +135,7 @@ def _ep_worker(rank, world, path, init_file, prompt, out):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
         m = load_model(path, dtype=torch.float32)
-        eng = PrefillEngine(m, chunk_size=4, group=dist.group.WORLD)
+        eng = PrefillEngine(m, chunk_size=4, group=dist.group.WORLD, copy_on_cpu=True)
         res = eng.prefill(prompt, all_logits=True)
         eng.close()
         if rank == 0:

@@ -81,7 +81,7 @@ class DecodeEngine:
         else:
             raise ValueError(f"experts must be 'kernel', 'torch' or 'auto', got {experts!r}")
         self.experts = experts
-        self.runner = ModelRunner(model, backend, absorbed_mla=True)
+        self.runner = ModelRunner(model, backend, absorbed_mla=True, cpu_lm_head=experts == "kernel")
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
         self._ids: set[str] = set()

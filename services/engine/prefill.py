@@ -68,7 +68,8 @@ class ExpertStreamer:
     the order the passes visit them. On CPU ``trace`` records (event, layer, seconds): a copy's
     issue, start and end, a compute's start and end; on CUDA see ``cuda_times``."""
 
-    def __init__(self, host: dict[int, ExpertWeights], device: torch.device, depth: int | None = None) -> None:
+    def __init__(self, host: dict[int, ExpertWeights], device: torch.device, depth: int | None = None,
+                 copy_on_cpu: bool = False) -> None:
         if not host:
             raise ValueError("no routed experts to stream")
         self.host, self.device = host, device
@@ -78,11 +79,15 @@ class ExpertStreamer:
             if [w.shape for w in host[li]] != [w.shape for w in first] or host[li][0].fmt != first[0].fmt:
                 raise ValueError(f"layer {li}'s experts differ in shape or format from layer {self.order[0]}'s")
         self.layer_bytes = _nbytes(first)
-        self.depth = depth or choose_depth(self.layer_bytes, device)
+        self.cuda = device.type == "cuda"
+        self.copy = self.cuda or copy_on_cpu
+        self.depth = depth or (choose_depth(self.layer_bytes, device) if self.copy else 2)
         if self.depth < 2:
             raise ValueError(f"the staging ring needs at least 2 slots, got {self.depth}")
-        self.slots = [tuple(_empty_like(w, device) for w in first) for _ in range(self.depth)]
-        self.cuda = device.type == "cuda"
+        # On CPU the host memory is the device memory: unless asked to copy (which the tests do,
+        # to exercise the ring), a slot is the host weights themselves and a load costs nothing.
+        self.slots: list = [tuple(_empty_like(w, device) for w in first) if self.copy else None
+                            for _ in range(self.depth)]
         self.trace: list[tuple[str, int, float]] = []
         self.cuda_events: list[tuple[str, int, torch.cuda.Event]] = []
         if self.cuda:
@@ -106,7 +111,12 @@ class ExpertStreamer:
     def _load(self, i: int) -> None:
         layer, slot = self.schedule[i], i % self.depth
         src, dst = self.host[layer], self.slots[slot]
-        if self.cuda:
+        if not self.copy:
+            self.slots[slot] = src
+            now = time.perf_counter()
+            self.trace += [("copy_issue", layer, now), ("copy_start", layer, now), ("copy_end", layer, now)]
+            self.pending[slot] = None
+        elif self.cuda:
             with torch.cuda.stream(self.copy_stream):
                 self.copy_stream.wait_event(self.free[slot])  # the compute that read the slot is done
                 start = torch.cuda.Event(enable_timing=True)
@@ -140,7 +150,8 @@ class ExpertStreamer:
             ev.record(torch.cuda.current_stream(self.device))
             self.cuda_events.append(("compute_start", layer, ev))
         else:
-            self.pending[slot].result()
+            if self.pending[slot] is not None:
+                self.pending[slot].result()
             self.trace.append(("compute_start", layer, time.perf_counter()))
         return self.slots[slot]
 
@@ -206,11 +217,12 @@ class PrefillEngine:
 
     On CUDA the model's non-expert weights are moved to the device and its routed experts are
     taken over (pinned in host memory, streamed from there): the model object is the engine's
-    afterwards. On CPU the model is left as it is and its experts are streamed from where they are.
+    afterwards. On CPU the model is left as it is and the ring's slots are its experts in place
+    (``copy_on_cpu`` makes the ring copy them, as on a GPU: the tests use it).
     """
 
     def __init__(self, model: CausalLM, device: str | torch.device = "cpu", chunk_size: int = 8192,
-                 depth: int | None = None, group: dist.ProcessGroup | None = None) -> None:
+                 depth: int | None = None, group: dist.ProcessGroup | None = None, copy_on_cpu: bool = False) -> None:
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.device = torch.device(device)
@@ -233,7 +245,7 @@ class PrefillEngine:
             model.to(self.device)
         elif self.device.type != model.device.type:
             raise ValueError(f"the model is on {model.device}; a prefill engine on {self.device} needs it on the CPU")
-        self.streamer = ExpertStreamer(host, self.device, depth) if host else None
+        self.streamer = ExpertStreamer(host, self.device, depth, copy_on_cpu) if host else None
         backend = StreamedExperts(self.streamer, lo, group) if host else None
         self.runner = ModelRunner(model, backend)
         self.widths = [layer.attn.kv_width for layer in model.layers]

@@ -21,8 +21,10 @@ from typing import Any, Protocol
 import torch
 import torch.nn.functional as F
 
+from cython_kernels import api
 from shared.deepseek_v3 import MLAttention
 from shared.layers import CausalLM, DecoderLayer, MoE, RoutedExperts
+from shared.quant import QuantWeight
 
 
 class KVStore(Protocol):
@@ -71,10 +73,12 @@ class _MicroBatch:
 
 
 class ModelRunner:
-    def __init__(self, model: CausalLM, experts: ExpertsBackend | None = None, absorbed_mla: bool = False) -> None:
+    def __init__(self, model: CausalLM, experts: ExpertsBackend | None = None, absorbed_mla: bool = False,
+                 cpu_lm_head: bool = False) -> None:
         self.model = model
         self.experts = experts or TorchExperts()
         self.absorbed_mla = absorbed_mla
+        self.cpu_lm_head = cpu_lm_head
 
     @torch.inference_mode()
     def forward(self, segments: list[Segment], overlap: bool = False, kv_hook: KVHook | None = None,
@@ -97,13 +101,26 @@ class ModelRunner:
                 self._finish_ffn(mb)
                 self._attention(li, layer, mb, kv_hook)
                 self._start_ffn(li, layer, mb)
-        out = []
+        rows, spans = [], []  # the hidden rows that need logits, read through the LM head once
         for mb in mbs:
             self._finish_ffn(mb)
-            h = m.norm(mb.x)
-            for s, hs in zip(mb.segments, h.split(mb.sizes), strict=True):
-                out.append(F.linear(hs if s.all_logits else hs[-1], m.lm_head).float())
-        return out
+            for s, hs in zip(mb.segments, m.norm(mb.x).split(mb.sizes), strict=True):
+                spans.append((sum(r.shape[0] for r in rows), hs.shape[0] if s.all_logits else 1))
+                rows.append(hs if s.all_logits else hs[-1:])
+        logits = self._lm_head(torch.cat(rows))
+        return [logits[a : a + n] if seg.all_logits else logits[a]
+                for (a, n), seg in zip(spans, [s for mb in mbs for s in mb.segments], strict=True)]
+
+    def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
+        """fp32 logits; the CPU kernels' BF16 GEMV when it applies (decode: a few rows on the CPU,
+        one read of the LM head at close to the memory bandwidth), else torch."""
+        w = self.model.lm_head
+        if self.cpu_lm_head and w.device.type == "cpu" and w.dtype == torch.bfloat16 and h.shape[0] <= api.MAX_TOKENS:
+            try:
+                return api.gemv(h, QuantWeight("dense", w, None, tuple(w.shape)))
+            except ValueError:  # e.g. a misaligned buffer: torch reads it as well
+                self.cpu_lm_head = False
+        return F.linear(h, w).float()
 
     def _attention(self, li: int, layer: DecoderLayer, mb: _MicroBatch, kv_hook: KVHook | None) -> None:
         attn = layer.attn

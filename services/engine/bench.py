@@ -1,0 +1,149 @@
+"""``hybridmoe bench decode``: the engines on a real-shaped checkpoint, on the CPU.
+
+Measured in one run: the machine's memory-read bandwidth; decode tok/s for 1, 2, 4, 8 streams
+(continuous batching, CPU kernel experts); the one-stream step's bytes read per token (every
+non-expert weight, the top-k experts of each MoE layer, the LM head) as a fraction of that
+bandwidth; CPU stream-loading prefill tok/s; and, when transformers is installed, transformers'
+own CPU forward of the same weights (a BF16 copy of the checkpoint made with the same seed, since
+transformers has no CPU path for block-FP8) for the same prompt.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from cython_kernels import bench as kbench
+from services.engine.decode import DecodeEngine
+from services.engine.prefill import PrefillEngine
+from shared import envs
+from shared.layers import CausalLM, MoE
+from shared.model import load_model
+from shared.sampling import SamplingParams
+
+STREAMS = (1, 2, 4, 8)
+
+
+def bench_model_path(preset: str, layers: int, quant: str, seed: int = 0) -> Path:
+    """A make-model checkpoint kept in the cache folder, made on first use."""
+    from shared.make_model import make_model
+
+    path = envs.cache_dir() / "bench" / f"{preset}-l{layers}-{quant}-s{seed}"
+    if not (path / "config.json").is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        make_model(preset, tmp, layers=layers, quant=quant, seed=seed, progress=True)
+        tmp.rename(path)
+    return path
+
+
+def step_bytes(model: CausalLM) -> int:
+    """Bytes one single-token decode step must read: every weight but the routed experts, plus
+    top-k experts per MoE layer and the LM head (the embedding contributes one row)."""
+    total = 0
+    for layer in model.layers:
+        for name, buf in layer.named_buffers():
+            if ".experts." not in f".{name}":
+                total += buf.numel() * buf.element_size()
+        if isinstance(layer.ffn, MoE):
+            ex = layer.ffn.experts
+            per_expert = sum(ex.weight(n).nbytes for n in ("gate", "up", "down")) / ex.num_experts
+            total += int(per_expert * model.args.num_experts_per_tok)
+    total += model.lm_head.numel() * model.lm_head.element_size() + model.norm.weight.numel() * 2
+    return total
+
+
+def bench_decode(model: CausalLM, streams: int, prompt_len: int, steps: int, overlap: bool) -> dict:
+    V = model.embed.shape[0]
+    g = torch.Generator().manual_seed(streams)
+    eng = DecodeEngine(model, num_blocks=streams * blocks_needed(prompt_len + steps + 2, 16) + 1, block_size=16,
+                       prefill_threshold=prompt_len, experts="kernel", overlap=overlap)
+    for i in range(streams):
+        eng.add(str(i), torch.randint(0, V, (prompt_len,), generator=g).tolist(),
+                SamplingParams(max_tokens=steps + 2, ignore_eos=True))
+    eng.step()  # admission and the prompts' prefill
+    eng.step()  # warm-up decode step
+    start = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    dt = time.perf_counter() - start
+    eng.close()
+    return {"streams": streams, "overlap": overlap, "step_ms": dt / steps * 1e3, "tok_s": streams * steps / dt,
+            "tok_s_per_stream": steps / dt}
+
+
+def blocks_needed(tokens: int, block_size: int) -> int:
+    return -(-tokens // block_size)
+
+
+def bench_prefill(model: CausalLM, prompt_len: int, chunk: int) -> float:
+    eng = PrefillEngine(model, chunk_size=chunk)
+    ids = torch.randint(0, model.embed.shape[0], (prompt_len,), generator=torch.Generator().manual_seed(0))
+    eng.prefill(ids[: min(prompt_len, 16)])  # warm-up
+    start = time.perf_counter()
+    eng.prefill(ids)
+    dt = time.perf_counter() - start
+    eng.close()
+    return prompt_len / dt
+
+
+def bench_transformers_prefill(path: Path, prompt_len: int) -> float | None:
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+    V = model.config.vocab_size
+    ids = torch.randint(0, V, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        model(ids[:, :16])
+        start = time.perf_counter()
+        model(ids)
+        dt = time.perf_counter() - start
+    del model
+    gc.collect()
+    return prompt_len / dt
+
+
+def run(preset: str = "qwen3-30b-a3b", layers: int = 4, quant: str = "fp8", model_path: str | None = None,
+        prompt_len: int = 256, steps: int = 8, json_path: str | None = None, compare: bool = True,
+        threads: int | None = None) -> dict:
+    from cython_kernels import api
+
+    threads = threads or api.default_threads()
+    bw = kbench.memory_bandwidth(threads)
+    path = Path(model_path) if model_path else bench_model_path(preset, layers, quant)
+    print(f"model {path}; {threads} threads; measured memory-read bandwidth {bw:.1f} GB/s")
+    model = load_model(path)
+    nbytes = step_bytes(model)
+    report: dict = {"model": str(path), "threads": threads, "memory_bandwidth_gbps": bw,
+                    "step_bytes_one_token": nbytes, "decode": [], "prompt_len": prompt_len}
+    for overlap in (False, True):
+        for n in STREAMS:
+            r = bench_decode(model, n, 32, steps, overlap)
+            if n == 1:
+                r["fraction_of_bandwidth"] = nbytes / (r["step_ms"] / 1e3) / 1e9 / bw
+            report["decode"].append(r)
+            frac = f"  {r['fraction_of_bandwidth']:.2f} of bw ({nbytes / 1e6:.0f} MB/token)" if n == 1 else ""
+            print(f"decode {n} stream(s) overlap={'on ' if overlap else 'off'} {r['step_ms']:8.1f} ms/step "
+                  f"{r['tok_s']:7.2f} tok/s{frac}")
+    report["prefill_tok_s"] = bench_prefill(model, prompt_len, chunk=prompt_len)
+    print(f"prefill {prompt_len} tokens (CPU, stream-loading): {report['prefill_tok_s']:.1f} tok/s")
+    del model
+    gc.collect()
+    if compare and not model_path:
+        bf16 = bench_model_path(preset, layers, "bf16") if quant != "bf16" else path
+        hf = bench_transformers_prefill(bf16, prompt_len)
+        if hf is not None:
+            report["transformers_prefill_tok_s"] = hf
+            ours = load_model(bf16)
+            report["prefill_bf16_tok_s"] = bench_prefill(ours, prompt_len, chunk=prompt_len)
+            del ours
+            print(f"prefill {prompt_len} tokens, same weights in BF16: ours {report['prefill_bf16_tok_s']:.1f} "
+                  f"tok/s, transformers {hf:.1f} tok/s (x{report['prefill_bf16_tok_s'] / hf:.2f})")
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+    return report
