@@ -236,3 +236,16 @@ def test_cuda_streaming_overlaps_copy_and_compute(tiny_models):
     times = eng.streamer.cuda_times()
     assert {k for k, *_ in times} == {"copy_start", "copy_end", "compute_start", "compute_end"}
     assert isinstance(ExpertStreamer, type)
+
+
+def test_bench_decode_smoke(tiny_models, tmp_path):
+    from services.engine import bench
+
+    out = tmp_path / "decode.json"
+    report = bench.run(model_path=str(tiny_models["tiny-qwen3-moe", "fp8"]), prompt_len=16, steps=2,
+                       json_path=str(out), compare=False)
+    assert out.is_file() and report["memory_bandwidth_gbps"] > 0
+    assert [(r["streams"], r["overlap"]) for r in report["decode"]] == [
+        (n, o) for o in (False, True) for n in bench.STREAMS]
+    assert all(r["tok_s"] > 0 for r in report["decode"]) and report["prefill_tok_s"] > 0
+    assert 0 < report["decode"][0]["fraction_of_bandwidth"]
