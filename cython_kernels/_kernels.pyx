@@ -2,7 +2,7 @@
 """Raw entry points into the C kernels. Pointers come in as integers from the checked Python API
 in cython_kernels.api; nothing here validates its input."""
 
-from libc.stdint cimport int64_t, uint8_t, uintptr_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uintptr_t
 
 
 cdef extern from "moe.h" nogil:
@@ -21,6 +21,7 @@ cdef extern from "moe.h" nogil:
                        int64_t E, const float *x, int T, int k, const int64_t *ids, const float *wts,
                        float *out, int nthreads)
     void hm_pin_threads(const int *cpus, int n, int nthreads)
+    void hm_dequant_fp8(const hm_weight *w, int64_t E, uint16_t *out, int nthreads)
 
 hm_init()
 
@@ -66,3 +67,10 @@ def pin_threads(list cpus, int nthreads):
         buf[i] = cpus[i]
     with nogil:
         hm_pin_threads(buf, n, nthreads)
+
+
+def dequant_fp8(tuple w, int64_t E, uintptr_t out, int nthreads):
+    """w = (fmt, group, rows, cols, data_ptr, scale_ptr) of one expert's shape; E stacked."""
+    cdef hm_weight hw = _weight(w)
+    with nogil:
+        hm_dequant_fp8(&hw, E, <uint16_t *> out, nthreads)

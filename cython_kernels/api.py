@@ -116,6 +116,19 @@ def gemv(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = None, *, va
     return out
 
 
+def dequantize_fp8(w: QuantWeight, *, threads: int | None = None) -> torch.Tensor:
+    """An FP8 weight ([out, in] or stacked [E, out, in]) as bfloat16, equal to
+    ``shared.quant.dequantize(w, torch.bfloat16)`` and many times faster than torch's conversion
+    (a table lookup per element over all threads): the CPU prefill's expert path."""
+    if not isinstance(w, QuantWeight) or w.fmt != "fp8_b128":
+        raise ValueError(f"dequantize_fp8: expected an fp8_b128 QuantWeight, got {getattr(w, 'fmt', type(w).__name__)}")
+    stacked = len(w.shape) == 3
+    wt = _check_weight(w, "dequantize_fp8 weight", stacked=stacked)
+    out = torch.empty(w.shape, dtype=torch.bfloat16)
+    _kernels.dequant_fp8(wt, w.shape[0] if stacked else 1, out.data_ptr(), threads or default_threads())
+    return out
+
+
 def _check_moe(x, ids, weights, gate, up, down):
     g = _check_weight(gate, "experts' gate", stacked=True)
     u = _check_weight(up, "experts' up", stacked=True)

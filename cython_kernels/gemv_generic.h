@@ -82,6 +82,22 @@ static inline void hm_decode_chunk(const hm_weight *w, int64_t r, int64_t c0, in
     }
 }
 
+/* Rows [r0, r1) of an FP8 weight dequantized to bf16 (fp32 product of value and block scale,
+ * rounded to nearest even, as shared.quant.dequantize does): a table lookup per element. */
+static void hm_dequant_fp8_rows(const hm_weight *w, uint16_t *out, int64_t r0, int64_t r1) {
+    const float *sc = (const float *)w->scale;
+    const int64_t nbi = (w->cols + 127) / 128;
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->data + r * w->cols;
+        uint16_t *o = out + r * w->cols;
+        for (int64_t c0 = 0; c0 < w->cols; c0 += 128) {
+            const float s = sc[(r / 128) * nbi + c0 / 128];
+            const int64_t c1 = c0 + 128 < w->cols ? c0 + 128 : w->cols;
+            for (int64_t c = c0; c < c1; c++) o[c] = hm_f32_to_bf16(hm_fp8_lut[row[c]] * s);
+        }
+    }
+}
+
 /* Rows [r0, r1) of y = W x for T tokens; x prepared, y [T][out] fp32 (row r of token t at
  * y[t * ldy + r]). */
 static void hm_gemv_rows_generic(const hm_weight *w, const float *xp, int T, float *y, int64_t ldy,

@@ -57,6 +57,21 @@ static void hm_gemv(int variant, const hm_weight *w, const float *x, int T, floa
     }
 }
 
+/* A whole FP8 weight ([rows, cols], or E stacked experts as E * rows rows with per-expert
+ * scale blocks) dequantized to bf16, rows spread over the threads. */
+static void hm_dequant_fp8(const hm_weight *w, int64_t E, uint16_t *out, int nthreads) {
+    const int64_t tiles = (w->rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
+#pragma omp parallel for schedule(static) num_threads(nthreads)
+    for (int64_t i = 0; i < E * tiles; i++) {
+        int64_t e = i / tiles, r0 = (i % tiles) * HM_ROWS_PER_TILE;
+        int64_t r1 = r0 + HM_ROWS_PER_TILE < w->rows ? r0 + HM_ROWS_PER_TILE : w->rows;
+        hm_weight we = *w;
+        we.data = w->data + e * w->rows * w->cols;
+        we.scale = (const float *)w->scale + e * ((w->rows + 127) / 128) * ((w->cols + 127) / 128);
+        hm_dequant_fp8_rows(&we, out + e * w->rows * w->cols, r0, r1);
+    }
+}
+
 /* Expert e of a stacked [E, out, in] weight. */
 static hm_weight hm_expert(const hm_weight *s, int64_t e) {
     hm_weight w = *s;

@@ -59,6 +59,14 @@ def test_fp8_decodes_every_code(variant):
     assert torch.allclose(y, ref, rtol=1e-5, atol=1e-5 * ref.abs().max().item())
 
 
+@pytest.mark.parametrize("shape", [(256, 512), (200, 300), (3, 130, 257)])
+def test_dequantize_fp8_is_bit_equal_to_torch(shape):
+    w = quantize(torch.randn(shape, generator=torch.Generator().manual_seed(0)), "fp8_b128")
+    assert torch.equal(api.dequantize_fp8(w), dequantize(w, torch.bfloat16))
+    with pytest.raises(ValueError, match="fp8_b128"):
+        api.dequantize_fp8(_q(torch.randn(64, 64), "int4_g32"))
+
+
 def test_gemv_bf16_activations_and_out_buffer():
     w = _q(torch.randn(64, 256) * 0.05, "fp8_b128")
     x = torch.randn(3, 256).bfloat16()

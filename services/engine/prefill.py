@@ -192,7 +192,7 @@ class StreamedExperts:
 
     def start(self, layer: int, experts: RoutedExperts, x, ids, weights) -> torch.Tensor:
         g, u, d = self.streamer.acquire(layer)
-        out = experts_forward(x, ids, weights, g, u, d, first=self.first)
+        out = experts_forward(x, ids, weights, g, u, d, first=self.first, dequantize=_fast_dequantize)
         self.streamer.release(layer)
         if self.group is not None:
             dist.all_reduce(out, group=self.group)
@@ -281,6 +281,18 @@ class PrefillEngine:
     def close(self) -> None:
         if self.streamer is not None:
             self.streamer.close()
+
+
+def _fast_dequantize(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 to BF16 on the CPU through the kernels' table lookup (bit-equal to torch's, ~5x faster)."""
+    if w.fmt == "fp8_b128" and dtype == torch.bfloat16 and w.data.device.type == "cpu":
+        from cython_kernels import api
+
+        try:
+            return api.dequantize_fp8(w)
+        except ValueError:  # e.g. a misaligned view: torch's conversion is the same, only slower
+            pass
+    return w.dequantize(dtype)
 
 
 def _pinned(w: QuantWeight) -> QuantWeight:
