@@ -76,21 +76,6 @@ static void hm_prepare_x_avx512(int fmt, const float *x, int T, int64_t in, uint
     }
 }
 
-/* Calls FN(w, r, xp, t0, nt, y, ldy) for each block of up to HM_TB tokens with nt a constant. */
-#define HM_FOR_TOKEN_BLOCKS(FN)                                                  \
-    for (int t0 = 0; t0 < T; t0 += HM_TB) {                                      \
-        switch (T - t0 < HM_TB ? T - t0 : HM_TB) {                               \
-        case 1: FN(w, r, xp, t0, 1, y, ldy); break;                              \
-        case 2: FN(w, r, xp, t0, 2, y, ldy); break;                              \
-        case 3: FN(w, r, xp, t0, 3, y, ldy); break;                              \
-        case 4: FN(w, r, xp, t0, 4, y, ldy); break;                              \
-        case 5: FN(w, r, xp, t0, 5, y, ldy); break;                              \
-        case 6: FN(w, r, xp, t0, 6, y, ldy); break;                              \
-        case 7: FN(w, r, xp, t0, 7, y, ldy); break;                              \
-        default: FN(w, r, xp, t0, 8, y, ldy); break;                             \
-        }                                                                        \
-    }
-
 HM_AVX512 static inline __m512 hm_dp(__m512 acc, __m512i w, __m512i x) {
     return _mm512_dpbf16_ps(acc, (__m512bh)w, (__m512bh)x);
 }
@@ -151,7 +136,7 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_row_fp8_nt(
 
 HM_AVX512 static void hm_row_fp8(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
                                  int64_t ldy) {
-    HM_FOR_TOKEN_BLOCKS(hm_row_fp8_nt)
+    HM_TOKEN_BLOCKS(hm_row_fp8_nt, HM_TB)
 }
 
 HM_AVX512 static inline __m512 hm_int4_scales(const hm_weight *w, int64_t r, int64_t c) {
@@ -194,7 +179,7 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_row_int4_nt(
 
 HM_AVX512 static void hm_row_int4(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
                                   int64_t ldy) {
-    HM_FOR_TOKEN_BLOCKS(hm_row_int4_nt)
+    HM_TOKEN_BLOCKS(hm_row_int4_nt, HM_TB)
 }
 
 HM_AVX512 static inline __attribute__((always_inline)) void hm_row_bf16_nt(
@@ -224,7 +209,7 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_row_bf16_nt(
 
 HM_AVX512 static void hm_row_bf16(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
                                   int64_t ldy) {
-    HM_FOR_TOKEN_BLOCKS(hm_row_bf16_nt)
+    HM_TOKEN_BLOCKS(hm_row_bf16_nt, HM_TB)
 }
 
 static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, int T, float *y, int64_t ldy,

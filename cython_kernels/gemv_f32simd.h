@@ -119,31 +119,12 @@ HM_TGT static inline __attribute__((always_inline)) void HM_SFX(hm_row_bf16_nt)(
     HM_SFX(hm_store_row)(w, r, full, xp, t0, nt, total, y, ldy);
 }
 
-/* Calls FN for each block of up to HM_TBV (<= 8) tokens with nt a constant, so the sums stay in
- * registers; cases above HM_TBV are never taken and are clamped only to stay in bounds. */
-#define HM_TBMIN(n) ((n) < HM_TBV ? (n) : HM_TBV)
-#define HM_SIMD_TOKEN_BLOCKS(FN)                                          \
-    for (int t0 = 0; t0 < T; t0 += HM_TBV) {                              \
-        switch (T - t0 < HM_TBV ? T - t0 : HM_TBV) {                      \
-        case 1: FN(w, r, xp, t0, 1, y, ldy); break;                       \
-        case 2: FN(w, r, xp, t0, 2, y, ldy); break;                       \
-        case 3: FN(w, r, xp, t0, 3, y, ldy); break;                       \
-        case 4: FN(w, r, xp, t0, HM_TBMIN(4), y, ldy); break;             \
-        case 5: FN(w, r, xp, t0, HM_TBMIN(5), y, ldy); break;             \
-        case 6: FN(w, r, xp, t0, HM_TBMIN(6), y, ldy); break;             \
-        case 7: FN(w, r, xp, t0, HM_TBMIN(7), y, ldy); break;             \
-        default: FN(w, r, xp, t0, HM_TBV, y, ldy); break;                 \
-        }                                                                 \
-    }
-
 HM_TGT static void HM_SFX(hm_gemv_rows)(const hm_weight *w, const float *xp, int T, float *y, int64_t ldy,
                                        int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; r++) {
-        if (w->fmt == HM_FP8_B128) { HM_SIMD_TOKEN_BLOCKS(HM_SFX(hm_row_fp8_nt)) }
-        else if (w->fmt == HM_INT4) { HM_SIMD_TOKEN_BLOCKS(HM_SFX(hm_row_int4_nt)) }
-        else { HM_SIMD_TOKEN_BLOCKS(HM_SFX(hm_row_bf16_nt)) }
+        if (w->fmt == HM_FP8_B128) { HM_TOKEN_BLOCKS(HM_SFX(hm_row_fp8_nt), HM_TBV) }
+        else if (w->fmt == HM_INT4) { HM_TOKEN_BLOCKS(HM_SFX(hm_row_int4_nt), HM_TBV) }
+        else { HM_TOKEN_BLOCKS(HM_SFX(hm_row_bf16_nt), HM_TBV) }
     }
 }
 
-#undef HM_SIMD_TOKEN_BLOCKS
-#undef HM_TBMIN

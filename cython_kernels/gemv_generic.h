@@ -82,6 +82,24 @@ static inline void hm_decode_chunk(const hm_weight *w, int64_t r, int64_t c0, in
     }
 }
 
+/* Calls FN(w, r, xp, t0, nt, y, ldy) for each block of up to TBMAX (<= 8) tokens of T, with nt a
+ * compile-time constant so that the SIMD kernels keep their sums in registers. Cases above TBMAX
+ * are never taken; their nt is clamped only to stay in bounds. */
+#define HM_TB_CLAMP(n, TBMAX) ((n) < (TBMAX) ? (n) : (TBMAX))
+#define HM_TOKEN_BLOCKS(FN, TBMAX)                                                   \
+    for (int t0 = 0; t0 < T; t0 += (TBMAX)) {                                        \
+        switch (T - t0 < (TBMAX) ? T - t0 : (TBMAX)) {                               \
+        case 1: FN(w, r, xp, t0, 1, y, ldy); break;                                  \
+        case 2: FN(w, r, xp, t0, HM_TB_CLAMP(2, TBMAX), y, ldy); break;              \
+        case 3: FN(w, r, xp, t0, HM_TB_CLAMP(3, TBMAX), y, ldy); break;              \
+        case 4: FN(w, r, xp, t0, HM_TB_CLAMP(4, TBMAX), y, ldy); break;              \
+        case 5: FN(w, r, xp, t0, HM_TB_CLAMP(5, TBMAX), y, ldy); break;              \
+        case 6: FN(w, r, xp, t0, HM_TB_CLAMP(6, TBMAX), y, ldy); break;              \
+        case 7: FN(w, r, xp, t0, HM_TB_CLAMP(7, TBMAX), y, ldy); break;              \
+        default: FN(w, r, xp, t0, (TBMAX), y, ldy); break;                           \
+        }                                                                            \
+    }
+
 /* Rows [r0, r1) of an FP8 weight dequantized to bf16 (fp32 product of value and block scale,
  * rounded to nearest even, as shared.quant.dequantize does): a table lookup per element. */
 static void hm_dequant_fp8_rows(const hm_weight *w, uint16_t *out, int64_t r0, int64_t r1) {

@@ -21,6 +21,7 @@ from cython_kernels import bench as kbench
 from services.engine.decode import DecodeEngine
 from services.engine.prefill import PrefillEngine
 from shared import envs
+from shared.kv_cache import blocks_for
 from shared.layers import CausalLM, MoE
 from shared.model import load_model
 from shared.sampling import SamplingParams
@@ -52,14 +53,15 @@ def step_bytes(model: CausalLM) -> int:
             ex = layer.ffn.experts
             per_expert = sum(ex.weight(n).nbytes for n in ("gate", "up", "down")) / ex.num_experts
             total += int(per_expert * model.args.num_experts_per_tok)
-    total += model.lm_head.numel() * model.lm_head.element_size() + model.norm.weight.numel() * 2
+    for t in (model.lm_head, model.norm.weight):
+        total += t.numel() * t.element_size()
     return total
 
 
 def bench_decode(model: CausalLM, streams: int, prompt_len: int, steps: int, overlap: bool) -> dict:
     V = model.embed.shape[0]
     g = torch.Generator().manual_seed(streams)
-    eng = DecodeEngine(model, num_blocks=streams * blocks_needed(prompt_len + steps + 2, 16) + 1, block_size=16,
+    eng = DecodeEngine(model, num_blocks=streams * blocks_for(prompt_len + steps + 2, 16) + 1, block_size=16,
                        prefill_threshold=prompt_len, experts="kernel", overlap=overlap)
     for i in range(streams):
         eng.add(str(i), torch.randint(0, V, (prompt_len,), generator=g).tolist(),
@@ -73,10 +75,6 @@ def bench_decode(model: CausalLM, streams: int, prompt_len: int, steps: int, ove
     eng.close()
     return {"streams": streams, "overlap": overlap, "step_ms": dt / steps * 1e3, "tok_s": streams * steps / dt,
             "tok_s_per_stream": steps / dt}
-
-
-def blocks_needed(tokens: int, block_size: int) -> int:
-    return -(-tokens // block_size)
 
 
 def bench_prefill(model: CausalLM, prompt_len: int, chunk: int) -> float:

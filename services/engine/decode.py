@@ -84,7 +84,6 @@ class DecodeEngine:
         self.runner = ModelRunner(model, backend, absorbed_mla=True, cpu_lm_head=experts == "kernel")
         self.waiting: deque[_Request] = deque()
         self.running: list[_Request] = []
-        self._ids: set[str] = set()
 
     # --- requests ----------------------------------------------------------------------------
 
@@ -94,7 +93,7 @@ class DecodeEngine:
         (the token prefill sampled, already reported to the client), decoding continues from
         there; without, the prompt is prefilled here and must be at most ``prefill_threshold``."""
         params = (params or SamplingParams()).validate()
-        if request_id in self._ids:
+        if any(r.id == request_id for r in (*self.waiting, *self.running)):
             raise ValueError(f"request id {request_id!r} is already in use")
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -115,7 +114,6 @@ class DecodeEngine:
                 if tuple(t.shape) != (len(prompt), buf.shape[1]):
                     raise ValueError(f"layer {i} KV is {list(t.shape)}, expected [{len(prompt)}, {buf.shape[1]}]")
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
-        self._ids.add(request_id)
         self.waiting.append(_Request(request_id, list(prompt), params, gen, kv, first))
 
     def abort(self, request_id: str) -> bool:
@@ -123,7 +121,6 @@ class DecodeEngine:
         for r in self.waiting:
             if r.id == request_id:
                 self.waiting.remove(r)
-                self._ids.discard(request_id)
                 return True
         for r in self.running:
             if r.id == request_id:
@@ -151,9 +148,7 @@ class DecodeEngine:
         events = []
         while self.waiting and len(self.running) < self.max_batch:
             r = self.waiting[0]
-            need = self._need_blocks(r)
-            if need > self.cache.allocator.num_blocks:
-                raise RuntimeError("unreachable: add() bounds the context by the cache")
+            need = self._need_blocks(r)  # <= the cache: __init__ bounds max_context by it
             if need > self.cache.allocator.num_free:
                 break  # first come, first served: later requests wait too
             self.waiting.popleft()
@@ -190,7 +185,6 @@ class DecodeEngine:
         self.running.remove(r)
         self.cache.allocator.free(r.blocks)
         r.blocks = []
-        self._ids.discard(r.id)
 
     @torch.inference_mode()
     def step(self) -> list[TokenEvent]:

@@ -95,8 +95,8 @@ class ExpertStreamer:
             self.ready = [torch.cuda.Event() for _ in range(self.depth)]
             self.free = [torch.cuda.Event() for _ in range(self.depth)]
         else:
-            self.copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hybridmoe-stream")
             self.pending: list[Future | None] = [None] * self.depth
+            self.copier = ThreadPoolExecutor(1, thread_name_prefix="hybridmoe-stream") if self.copy else None
         self.schedule: list[int] = []
         self.cursor = 0
 
@@ -179,7 +179,7 @@ class ExpertStreamer:
         return [(k, layer, t0.elapsed_time(e)) for k, layer, e in self.cuda_events]
 
     def close(self) -> None:
-        if not self.cuda:
+        if not self.cuda and self.copier is not None:
             self.copier.shutdown(wait=True)
 
 
