@@ -76,6 +76,38 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+_DAEMONS = ("weights", "router", "prefill", "decode", "gateway")
+
+
+def _config(args: argparse.Namespace):
+    from shared.config import Config
+
+    return Config.load(args.config, **{
+        "run_dir": args.run_dir, "model.path": args.model, "log_format": args.log_format,
+        "gateway.host": getattr(args, "host", None), "gateway.port": getattr(args, "port", None),
+        "prefill.device": getattr(args, "device", None)})
+
+
+def _cmd_daemon(args: argparse.Namespace) -> int:
+    import importlib
+
+    module = importlib.import_module(f"services.{args.command}")
+    return module.main(_config(args), args)
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from services.serve import serve
+
+    return serve(_config(args))
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (see deploy/hybridmoe.toml)")
+    p.add_argument("--model", help="checkpoint folder (overrides model.path; default: the built-in demo model)")
+    p.add_argument("--run-dir", help="folder for socket files and the weight manifest (overrides run_dir)")
+    p.add_argument("--log-format", choices=["auto", "json", "console"], help="overrides log_format")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hybridmoe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -110,6 +142,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], help="compute dtype")
     g.set_defaults(fn=_cmd_generate)
 
+    sv = sub.add_parser("serve", help="start every daemon (weights, router, prefill, decode, gateway) and serve "
+                                      "the OpenAI-compatible API until Ctrl-C")
+    _add_config_args(sv)
+    sv.add_argument("--host", help="gateway address (default 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="gateway port (default 8000; 0 picks a free one)")
+    sv.set_defaults(fn=_cmd_serve)
+
+    from services import decode, gateway, prefill, router, weights
+
+    helps = {"weights": "publish the checkpoint into shared memory and keep it there",
+             "router": "admission, placement, token relay, failover",
+             "prefill": "stream-loading prefill service (GPU, or CPU without one)",
+             "decode": "hybrid CPU decode service for one NUMA node",
+             "gateway": "OpenAI-compatible HTTP gateway"}
+    for name, module in zip(_DAEMONS, (weights, router, prefill, decode, gateway), strict=True):
+        d = sub.add_parser(name, help=helps[name])
+        _add_config_args(d)
+        module.add_arguments(d)
+        d.set_defaults(fn=_cmd_daemon)
+
     b = sub.add_parser("bench", help="benchmarks that print figures (and write JSON)")
     b.add_argument("what", choices=["kernels", "decode"],
                    help="kernels: CPU expert kernels vs memory bandwidth and torch; decode: the engines on a "
@@ -133,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except (CheckpointError, ValueError, FileNotFoundError) as e:
+    except (CheckpointError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"hybridmoe {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

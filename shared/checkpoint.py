@@ -271,17 +271,18 @@ class WeightSpec:
         return f"WeightSpec({self.name!r}, {list(self.shape)}, {self.role})"
 
 
+def load_spec(ckpt: Checkpoint, s: WeightSpec, dtype: torch.dtype) -> Any:
+    """One spec's tensor, validated: non-expert linear layers as ``dtype`` tensors (FP8 ones
+    dequantized), routed experts as a stacked :class:`QuantWeight`."""
+    if s.role == "experts":
+        return ckpt.experts(s.expert_prefixes(), s.shape[1:], s.why, dtype)
+    if s.role in ("linear", "router"):
+        return ckpt.dense(s.name, s.shape, s.why, dtype)
+    if s.role == "bias":
+        return ckpt.expect(s.name, s.shape, s.why).float()
+    return ckpt.expect(s.name, s.shape, s.why).to(dtype)
+
+
 def load_weights(ckpt: Checkpoint, specs: list[WeightSpec], dtype: torch.dtype) -> dict[str, Any]:
-    """Read every tensor the specs name, validating shapes. Non-expert linear layers come back as
-    ``dtype`` tensors (FP8 ones dequantized); routed experts as stacked :class:`QuantWeight`."""
-    out: dict[str, Any] = {}
-    for s in specs:
-        if s.role == "experts":
-            out[s.name] = ckpt.experts(s.expert_prefixes(), s.shape[1:], s.why, dtype)
-        elif s.role in ("linear", "router"):
-            out[s.name] = ckpt.dense(s.name, s.shape, s.why, dtype)
-        elif s.role == "bias":
-            out[s.name] = ckpt.expect(s.name, s.shape, s.why).float()
-        else:
-            out[s.name] = ckpt.expect(s.name, s.shape, s.why).to(dtype)
-    return out
+    """Every tensor the specs name (see :func:`load_spec`)."""
+    return {s.name: load_spec(ckpt, s, dtype) for s in specs}

@@ -52,12 +52,18 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
     """
     ckpt = Checkpoint(path)
     fam = family_of(ckpt.config)
-    args = fam.args_from_config(ckpt.config)
     dtype = dtype or config_dtype(ckpt.config)
-    weights = load_weights(ckpt, fam.weight_specs(args), dtype)
-    model = fam.build(args, weights)
+    weights = load_weights(ckpt, fam.weight_specs(fam.args_from_config(ckpt.config)), dtype)
+    return build_model(ckpt.config, weights, device)
+
+
+def build_model(cfg: HFConfig, weights: dict, device: str | torch.device = "cpu") -> CausalLM:
+    """The model of ``cfg``'s family over ``weights`` (as :func:`load_weights` returns them, or
+    as the shared-memory store maps them: the tensors are used in place, not copied)."""
+    fam = family_of(cfg)
+    model = fam.build(fam.args_from_config(cfg), weights)
     model.family = fam.__name__.rsplit(".", 1)[-1]
     return model.to(device).eval()
 
 
-__all__ = ["load_model", "family_of", "config_dtype", "CheckpointError", "FAMILIES"]
+__all__ = ["load_model", "build_model", "family_of", "config_dtype", "CheckpointError", "FAMILIES"]

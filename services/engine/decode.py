@@ -36,6 +36,7 @@ class TokenEvent:
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: str | None = None  # "stop", "length", or None while running
     logits: torch.Tensor | None = None  # fp32 [V] the token was sampled from (keep_logits only)
+    new: bool = True  # False: prefill's first token, reported again only because it ends the request
 
 
 @dataclass
@@ -159,6 +160,7 @@ class DecodeEngine:
                     self.cache.write(li, r.blocks, 0, t)
                 r.kv, r.cached = None, len(r.prompt)
                 ev = self._accept(r, r.first, None)
+                ev.new = False
                 if ev.finish_reason is not None:
                     events.append(ev)  # the first token already ends it: report the reason
             else:

@@ -1,0 +1,292 @@
+"""The model's weights in POSIX shared memory: published once, mapped by every service.
+
+:func:`publish` reads a checkpoint spec by spec (the tensors exactly as the model uses them:
+non-expert weights in the compute dtype, routed experts stacked ``[E, out, in]`` in their format),
+writes one segment per layer (plus one for the rest) and a JSON manifest naming, for each tensor,
+its segment, offset, dtype and shape. Offsets are 4096-aligned, so the CPU kernels' alignment
+checks pass and CUDA can register the pages for DMA.
+
+:func:`attach` maps the segments read-only and returns tensors that are views of the mapping:
+one copy of the weights in RAM however many services map it, nothing copied at attach, and a
+restarted service attaches in the time it takes to map. Segments are created mode 0600 (the
+service user only) and :func:`unlink` removes them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import re
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import posix_ipc
+import torch
+
+from shared.checkpoint import Checkpoint, CheckpointError, HFConfig, WeightSpec, load_spec
+from shared.model import DTYPES, build_model, config_dtype, family_of
+from shared.quant import QuantWeight, checkpoint_format, quantize
+
+MANIFEST_VERSION = 1
+ALIGN = 4096
+_DTYPES = {**DTYPES, "float8_e4m3fn": torch.float8_e4m3fn, "uint8": torch.uint8}
+_NAMES = {v: k for k, v in _DTYPES.items()}
+_LAYER = re.compile(r"^(model\.layers\.\d+)\.")
+# The mapping is read-only on purpose (a stray write faults instead of corrupting every service's
+# weights); torch warns that it cannot mark such tensors read-only.
+warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
+
+
+class StoreError(RuntimeError):
+    """The shared-memory weights are missing, stale or unreadable; the message says which."""
+
+
+def default_namespace(model_path: str | Path, quant: str = "") -> str:
+    """A stable name for a checkpoint's segments: its folder name and a hash of its real path."""
+    p = Path(model_path).resolve()
+    digest = hashlib.sha1(f"{p}|{quant}".encode()).hexdigest()[:10]
+    stem = re.sub(r"[^A-Za-z0-9_.-]", "", p.name)[:24] or "model"
+    return f"{stem}-{digest}"
+
+
+def _signature(model_path: Path) -> dict:
+    """What must not change for published weights to stay valid: the files and their mtimes."""
+    files = sorted(model_path.glob("*.safetensors")) + [model_path / "config.json"]
+    return {"path": str(model_path.resolve()),
+            "files": {f.name: [f.stat().st_size, f.stat().st_mtime_ns] for f in files}}
+
+
+@dataclass
+class _Entry:
+    name: str
+    value: Any  # torch.Tensor or QuantWeight
+
+
+def _tensors_of(entry: _Entry) -> list[tuple[str, torch.Tensor]]:
+    v = entry.value
+    if isinstance(v, QuantWeight):
+        out = [(f"{entry.name}#data", v.data)]
+        if v.scale is not None:
+            out.append((f"{entry.name}#scale", v.scale))
+        return out
+    return [(entry.name, v)]
+
+
+def _segment_name(namespace: str, i: int) -> str:
+    return f"/hm-{namespace}-{i:04d}"
+
+
+def _write_segment(name: str, group: list[_Entry], manifest: dict, index: int) -> None:
+    parts = [(n, t.contiguous()) for e in group for n, t in _tensors_of(e)]
+    size, offsets = 0, []
+    for _, t in parts:
+        offsets.append(size)
+        size += -(-(t.numel() * t.element_size()) // ALIGN) * ALIGN
+    try:
+        posix_ipc.unlink_shared_memory(name)  # a stale segment of ours, left by a crash
+    except posix_ipc.ExistentialError:
+        pass
+    shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=max(size, ALIGN))
+    try:
+        with mmap.mmap(shm.fd, max(size, ALIGN)) as mm:
+            dst = torch.frombuffer(mm, dtype=torch.uint8)
+            for (_, t), off in zip(parts, offsets, strict=True):
+                n = t.numel() * t.element_size()
+                if n:
+                    dst[off:off + n].copy_(t.reshape(-1).view(torch.uint8))
+            del dst
+    finally:
+        shm.close_fd()
+    manifest["segments"].append({"name": name, "size": max(size, ALIGN)})
+    for e in group:
+        v = e.value
+        if isinstance(v, QuantWeight):
+            manifest["tensors"][e.name] = {"fmt": v.fmt, "shape": list(v.shape)}
+    for (n, t), off in zip(parts, offsets, strict=True):
+        manifest["tensors"].setdefault(n, {}).update(
+            {"segment": index, "offset": off, "dtype": _NAMES[t.dtype], "shape": list(t.shape)})
+
+
+def publish(model_path: str | Path, manifest_path: str | Path, namespace: str = "", dtype: str = "",
+            quant: str = "", progress: Callable[[int, int], None] | None = None) -> dict:
+    """Publish ``model_path`` into shared memory and write the manifest; returns it.
+
+    If the manifest already describes this checkpoint (same files, dtype and quantization) and
+    its segments exist, they are reused as they are: a restarted weights service does not reload.
+    ``progress(done, total)`` is called after each tensor.
+    """
+    model_path = Path(model_path)
+    ckpt = Checkpoint(model_path)
+    fam = family_of(ckpt.config)
+    torch_dtype = DTYPES[dtype] if dtype else config_dtype(ckpt.config)
+    namespace = namespace or default_namespace(model_path, quant)
+    sig = {**_signature(model_path), "dtype": _NAMES[torch_dtype], "quant": quant, "namespace": namespace}
+    manifest_path = Path(manifest_path)
+    if (old := _reusable(manifest_path, sig)) is not None:
+        return old
+    specs = fam.weight_specs(fam.args_from_config(ckpt.config))
+    fmt = checkpoint_format(quant) if quant else ""
+    manifest: dict = {"version": MANIFEST_VERSION, "model": str(model_path.resolve()), "signature": sig,
+                      "published": time.time(), "segments": [], "tensors": {}}
+    groups: list[tuple[str, list[WeightSpec]]] = []
+    for s in specs:
+        m = _LAYER.match(s.name)
+        key = m.group(1) if m else "model"
+        if not groups or groups[-1][0] != key:
+            groups.append((key, []))
+        groups[-1][1].append(s)
+    done = 0
+    try:
+        for i, (_, group_specs) in enumerate(groups):
+            entries = []
+            for s in group_specs:
+                value = load_spec(ckpt, s, torch_dtype)
+                if fmt and s.role == "experts" and value.fmt == "dense":
+                    value = quantize(value.data, fmt)
+                entries.append(_Entry(s.name, value))
+                done += 1
+                if progress:
+                    progress(done, len(specs))
+            _write_segment(_segment_name(namespace, i), entries, manifest, i)
+    except BaseException:
+        unlink(manifest)
+        raise
+    tmp = manifest_path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(manifest))
+    os.chmod(tmp, 0o600)
+    tmp.rename(manifest_path)  # atomic: a reader sees no manifest or a whole one
+    return manifest
+
+
+def _reusable(manifest_path: Path, sig: dict) -> dict | None:
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if manifest.get("version") != MANIFEST_VERSION or manifest.get("signature") != sig:
+        return None
+    for seg in manifest["segments"]:
+        try:
+            shm = posix_ipc.SharedMemory(seg["name"])
+        except posix_ipc.ExistentialError:
+            return None
+        ok = shm.size >= seg["size"]
+        shm.close_fd()
+        if not ok:
+            return None
+    return manifest
+
+
+def read_manifest(manifest_path: str | Path) -> dict:
+    path = Path(manifest_path)
+    try:
+        manifest = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"{path}: no weight manifest (is the weights service running?)") from None
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{path}: cannot read the weight manifest ({e})") from e
+    if manifest.get("version") != MANIFEST_VERSION:
+        raise StoreError(f"{path}: manifest version {manifest.get('version')!r}, expected {MANIFEST_VERSION}")
+    return manifest
+
+
+class AttachedWeights:
+    """The published weights, mapped read-only: ``weights`` is what :func:`build_model` takes."""
+
+    def __init__(self, manifest: dict) -> None:
+        self.manifest = manifest
+        self.maps: list[mmap.mmap] = []
+        for seg in manifest["segments"]:
+            try:
+                shm = posix_ipc.SharedMemory(seg["name"])
+            except posix_ipc.ExistentialError:
+                self.close()
+                raise StoreError(f"shared-memory segment {seg['name']} is gone (the weights service "
+                                 "stopped or was restarted with other weights)") from None
+            try:
+                self.maps.append(mmap.mmap(shm.fd, seg["size"], prot=mmap.PROT_READ))
+            finally:
+                shm.close_fd()
+        raw = {}
+        for name, t in manifest["tensors"].items():
+            if "segment" in t:
+                raw[name] = self._view(t)
+        self.weights: dict[str, Any] = {}
+        for name, t in manifest["tensors"].items():
+            if "fmt" in t:
+                self.weights[name] = QuantWeight(t["fmt"], raw[f"{name}#data"], raw.get(f"{name}#scale"),
+                                                 tuple(t["shape"]))
+            elif "#" not in name:
+                self.weights[name] = raw[name]
+
+    def _view(self, t: dict) -> torch.Tensor:
+        dtype = _DTYPES[t["dtype"]]
+        n = 1
+        for d in t["shape"]:
+            n *= d
+        if n == 0:
+            return torch.empty(t["shape"], dtype=dtype)
+        flat = torch.frombuffer(self.maps[t["segment"]], dtype=torch.uint8, count=n * dtype.itemsize,
+                                offset=t["offset"])
+        return flat.view(dtype).reshape(t["shape"])
+
+    def contains(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor``'s memory lies inside one of the mapped segments (zero-copy check)."""
+        p = tensor.data_ptr()
+        for mm in self.maps:
+            base = _address(mm)
+            if base <= p < base + len(mm):
+                return True
+        return False
+
+    def build(self, device: str | torch.device = "cpu"):
+        """The model over the mapped weights (CPU tensors are used in place)."""
+        cfg = HFConfig.read(Path(self.manifest["model"]))
+        return build_model(cfg, self.weights, device)
+
+    def close(self) -> None:
+        self.weights = {}
+        for mm in self.maps:
+            try:
+                mm.close()
+            except BufferError:  # tensors still view it; the mapping goes when they do
+                pass
+        self.maps = []
+
+
+def _address(mm: mmap.mmap) -> int:
+    return torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
+
+
+def attach(manifest_path: str | Path, wait_s: float = 0.0) -> AttachedWeights:
+    """Map the weights the manifest describes; wait up to ``wait_s`` for the manifest to appear."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return AttachedWeights(read_manifest(manifest_path))
+        except StoreError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
+
+
+def unlink(manifest: dict) -> int:
+    """Remove the manifest's segments (the memory is freed when the last mapping goes)."""
+    n = 0
+    for seg in manifest.get("segments", []):
+        try:
+            posix_ipc.unlink_shared_memory(seg["name"])
+            n += 1
+        except posix_ipc.ExistentialError:
+            pass
+    return n
+
+
+__all__ = ["publish", "attach", "unlink", "read_manifest", "default_namespace", "AttachedWeights",
+           "StoreError", "CheckpointError"]
