@@ -196,6 +196,7 @@ class DecodeService:
                                    [list(p) for p in ev.top_logprobs] if ev.top_logprobs is not None else None,
                                    ev.finish_reason, ev.new))
             if ev.finish_reason is not None:
+                self.log.info("finished", rid=ev.request_id, reason=ev.finish_reason)
                 self.states.pop(ev.request_id, None)
                 self.io.cancelled.discard(ev.request_id)
         self.io.send(Tokens(items=items))

@@ -404,17 +404,25 @@ class Gateway:
             plp = c.prompt_lp
             toks += prompt
             lps += [None] + (plp.logprobs if plp else [None] * (len(prompt) - 1))
-            tops += [None] + ([{self._token_text(t): v for t, v in top} for top in plp.top] if plp and plp.top
+            tops += [None] + ([self._top_dict(top) for top in plp.top] if plp and plp.top
                               else [None] * (len(prompt) - 1))
         toks += c.tokens[:n_tokens]
         lps += c.logprobs[:n_tokens]
-        tops += [{self._token_text(t): v for t, v in top} if top is not None else None for top in c.tops[:n_tokens]]
+        tops += [self._top_dict(top) if top is not None else None for top in c.tops[:n_tokens]]
         strs = [self._token_text(t) for t in toks]
         offsets, pos = [], offset0
         for st in strs:
             offsets.append(pos)
             pos += len(st)
         return {"tokens": strs, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+    def _top_dict(self, top: list) -> dict[str, float]:
+        """OpenAI keys a completion's top logprobs by token text; where two tokens share a text,
+        the more likely one is kept."""
+        out: dict[str, float] = {}
+        for t, v in top:
+            out.setdefault(self._token_text(t), v)
+        return out
 
     def _chat_logprobs(self, c: _Choice, lo: int, hi: int) -> dict:
         def entry(t: int, lp: float | None) -> dict:

@@ -122,9 +122,9 @@ class PrefillService:
         c = res.choice
         first = TokenItem(task.rid, c.token, c.logprob, [list(p) for p in c.top_logprobs]
                           if c.top_logprobs is not None else None)
-        if task.kv_endpoint:
-            self.io.send(KVDone(rid=task.rid, tokens=len(task.prompt), first=first), task.kv_endpoint)
+        if task.kv_endpoint:  # the client's first token first; the router holds decode's if they overtake it
             self.io.send(FirstToken(item=first))
+            self.io.send(KVDone(rid=task.rid, tokens=len(task.prompt), first=first), task.kv_endpoint)
         seconds = time.perf_counter() - t0
         self.log.info("prefilled", rid=task.rid, tokens=len(task.prompt), seconds=round(seconds, 3),
                       tok_s=round(len(task.prompt) / max(seconds, 1e-9), 1))

@@ -78,6 +78,7 @@ class _Request:
     prefill: str | None = None
     decode: str | None = None
     need: int = 0  # KV tokens reserved on the decode service
+    early: list[TokenItem] = field(default_factory=list)  # decode's tokens that overtook prefill's first
 
 
 class Router:
@@ -151,7 +152,13 @@ class Router:
         if r is None or r.state != State.PREFILLING or self.services.get(r.prefill or "", None) is None:
             return
         r.state = State.DECODING
-        self._relay(r, [m.item])
+        items, r.early = [m.item, *r.early], []
+        for item in items:
+            if item.new:
+                r.generated.append(item.token)
+        self._send(r.gateway, Tokens(items=items))
+        if items[-1].finish is not None:
+            self._release(m.item.rid, r, cancel=False)
 
     def _on_tokens(self, ident: bytes, m: Tokens) -> None:
         name = self._name_of(ident)
@@ -160,8 +167,9 @@ class Router:
             r = self.requests.get(item.rid)
             if r is None or r.decode != name:
                 continue  # a request cancelled or re-homed meanwhile
-            if r.state == State.PREFILLING and item.new:  # decode prefilled it itself
-                r.state = State.DECODING
+            if r.state == State.PREFILLING:  # came by another socket than prefill's first token: wait for it
+                r.early.append(item)
+                continue
             if item.new:
                 r.generated.append(item.token)
             by_gateway.setdefault(r.gateway, []).append(item)
@@ -188,12 +196,6 @@ class Router:
         self._release(m.rid, r, cancel=True)
 
     # --- placement ---------------------------------------------------------------------------------
-
-    def _relay(self, r: _Request, items: list[TokenItem]) -> None:
-        for item in items:
-            if item.new:
-                r.generated.append(item.token)
-        self._send(r.gateway, Tokens(items=items))
 
     def _need(self, r: _Request, s: _Service) -> int:
         b = max(s.beat.block_size, 1)
@@ -318,7 +320,7 @@ class Router:
                 # Prefill again from prompt + tokens so far; the client sees one unbroken stream.
                 r.prompt = list(r.submit.prompt) + r.generated
                 r.params = replace(r.submit.params, max_tokens=max(left, 1))
-                r.prefill, r.decode, r.need = None, None, 0
+                r.prefill, r.decode, r.need, r.early = None, None, 0, []
             r.state = State.QUEUED
             rehome.append(rid)
             self.log.info("re-homing", rid=rid, generated=len(r.generated))

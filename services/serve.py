@@ -68,7 +68,7 @@ class _Child:
 
 class Launcher:
     def __init__(self, cfg: Config) -> None:
-        self.own_run = not cfg.run_dir
+        self.own_run = not cfg.run_dir or not Path(cfg.run_dir).exists()  # made here: removed here
         run = private_run_dir() if self.own_run else Path(cfg.run_dir)
         run.mkdir(mode=0o700, parents=True, exist_ok=True)
         model = cfg.model.path
@@ -87,9 +87,13 @@ class Launcher:
     def _argv(self, role: str, *extra: str) -> list[str]:
         return [sys.executable, "-m", "services.cli", role, "--config", str(self.config_file), *extra]
 
-    def _start(self, name: str, role: str, *extra: str, timeout: float = 300) -> _Child:
+    def _spawn(self, name: str, role: str, *extra: str) -> _Child:
         child = _Child(name, role, self._argv(role, *extra), self.run)
         self.children.append(child)
+        return child
+
+    def _wait_ready(self, child: _Child, timeout: float = 300) -> _Child:
+        name = child.name
         deadline = time.monotonic() + timeout
         while not child.poll_ready():
             if self.stopping:
@@ -103,15 +107,14 @@ class Launcher:
         return child
 
     def start(self) -> str:
-        self._start("weights", "weights", timeout=3600)
-        self._start("router", "router")
-        # prefill and decode attach to the same pages; start them together, then wait for each.
-        pending = [("prefill-0", "prefill", ("--name", "prefill-0"))]
+        self._wait_ready(self._spawn("weights", "weights"), timeout=3600)
+        # The rest only need the manifest: start them together, then wait for each.
+        group = [self._spawn("router", "router"), self._spawn("prefill-0", "prefill", "--name", "prefill-0")]
         for i, node in enumerate(self.cfg.decode.numa_nodes):
-            pending.append((f"decode-{i}", "decode", ("--name", f"decode-{i}", "--numa-node", str(node))))
-        for name, role, extra in pending:
-            self._start(name, role, *extra)
-        gw = self._start("gateway", "gateway")
+            group.append(self._spawn(f"decode-{i}", "decode", "--name", f"decode-{i}", "--numa-node", str(node)))
+        gw = self._spawn("gateway", "gateway")
+        for child in (*group, gw):
+            self._wait_ready(child)
         url = gw.status or f"http://{self.cfg.gateway.host}:{self.cfg.gateway.port}"
         self._wait_healthy(url)
         return url
@@ -167,6 +170,7 @@ class Launcher:
             pass
         for sock in self.run.glob("*.sock"):
             sock.unlink(missing_ok=True)
+        self.config_file.unlink(missing_ok=True)
         if self.own_run:
             shutil.rmtree(self.run, ignore_errors=True)
 
