@@ -69,7 +69,7 @@ class _Child:
 class Launcher:
     def __init__(self, cfg: Config) -> None:
         self.own_run = not cfg.run_dir or not Path(cfg.run_dir).exists()  # made here: removed here
-        run = private_run_dir() if self.own_run else Path(cfg.run_dir)
+        run = Path(cfg.run_dir) if cfg.run_dir else private_run_dir()
         run.mkdir(mode=0o700, parents=True, exist_ok=True)
         model = cfg.model.path
         if not model:

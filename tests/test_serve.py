@@ -237,3 +237,78 @@ def _metric(text: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[1])
     raise AssertionError(f"{name} missing from /metrics")
+
+
+# --- failover: a separate server, since its decode services get killed -------------------------
+
+
+@pytest.fixture(scope="module")
+def failover_server(model_path, tmp_path_factory):
+    s = Server(model_path, tmp_path_factory.mktemp("failover") / "serve.log", model={"name": MODEL},
+               router={"short_prompt": SHORT, "heartbeat_s": 0.1, "dead_after_s": 1.0},
+               prefill={"threads": 1, "chunk_size": 64},
+               decode={"numa_nodes": [0, 0], "num_blocks": 64, "block_size": 16, "threads": 1})
+    yield s
+    assert s.stop() == 0, s.log_path.read_text()[-3000:]
+    assert s.leftovers() == []
+
+
+def _stream(url: str, prompt: str, max_tokens: int, started) -> dict:
+    """A streamed completion read to the end: its text, usage, finish reason and any error."""
+    out = {"text": "", "usage": None, "finish": None, "error": None}
+    body = {"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
+            "ignore_eos": True, "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", f"{url}/completions", json=body, timeout=60) as r:
+        if r.status_code != 200:
+            out["error"] = r.read().decode()
+            started.set()
+            return out
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if "error" in chunk:
+                out["error"] = chunk["error"]
+                continue
+            if chunk.get("usage"):
+                out["usage"] = chunk["usage"]
+            for c in chunk.get("choices", []):
+                out["text"] += c["text"]
+                out["finish"] = c["finish_reason"] or out["finish"]
+                if len(out["text"]) >= 2:
+                    started.set()
+    started.set()
+    return out
+
+
+def test_killed_decode_requests_are_rehomed_then_fail_cleanly(failover_server):
+    import os
+    import signal
+    import threading
+
+    s = failover_server
+    url = s.url
+    decodes = s.pids("decode")
+    assert len(decodes) == 2
+    started = [threading.Event(), threading.Event()]
+    with ThreadPoolExecutor(2) as pool:
+        futures = [pool.submit(_stream, url, f"Failover stream number {i}, long enough to prefill", 300, started[i])
+                   for i in range(2)]
+        for ev in started:
+            assert ev.wait(30)
+        os.kill(decodes[0], signal.SIGKILL)  # one of the two streams lives there
+        results = [f.result(timeout=60) for f in futures]
+    for r in results:
+        assert r["error"] is None, r
+        assert r["finish"] == "length" and r["usage"]["completion_tokens"] == 300
+    assert any('"re-homing"' in line for line in s.logs())
+    # The last decode service dies too: its request fails with a clear error, nothing hangs.
+    started = threading.Event()
+    with ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(_stream, url, "The last one standing, long enough to prefill", 300, started)
+        assert started.wait(30)
+        os.kill(s.pids("decode")[0], signal.SIGKILL)
+        r = fut.result(timeout=60)
+    assert r["error"] is not None and "no decode service" in str(r["error"]), r
+    after = httpx.post(f"{url}/completions", json={"model": MODEL, "prompt": "anyone?", "max_tokens": 2}, timeout=30)
+    assert after.status_code == 503 and after.json()["error"]["message"]
