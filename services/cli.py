@@ -68,6 +68,15 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from cython_kernels import bench
 
         bench.run(args.json, threads=args.threads, quick=args.quick, variant=args.variant)
+    elif args.what == "serve":
+        from services import loadtest
+
+        if not args.url:
+            raise ValueError("bench serve needs --url (the server's address, e.g. http://127.0.0.1:8000)")
+        report = loadtest.run(args.url, args.concurrency, args.requests, args.prompt_len, args.long_prompt_len,
+                              args.long_fraction, args.output_len, args.json, api_key=args.api_key or "",
+                              compare_model=args.model, seed=args.seed)
+        return 0 if report["errors"] == 0 else 1
     else:
         from services.engine import bench as ebench
 
@@ -163,18 +172,29 @@ def build_parser() -> argparse.ArgumentParser:
         d.set_defaults(fn=_cmd_daemon)
 
     b = sub.add_parser("bench", help="benchmarks that print figures (and write JSON)")
-    b.add_argument("what", choices=["kernels", "decode"],
+    b.add_argument("what", choices=["kernels", "decode", "serve"],
                    help="kernels: CPU expert kernels vs memory bandwidth and torch; decode: the engines on a "
-                        "real-shaped checkpoint (decode tok/s, roofline fraction, CPU prefill vs transformers)")
+                        "real-shaped checkpoint (decode tok/s, roofline fraction, CPU prefill vs transformers); "
+                        "serve: a load test of a running server over HTTP (TTFT, TPOT, ITL, throughput)")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.add_argument("--threads", type=int, help="threads (default: every CPU this process may use)")
     b.add_argument("--quick", action="store_true", help="one shape and fewer experts (a smoke run)")
     b.add_argument("--variant", help="kernels: the variant to measure (default: the one chosen for this CPU)")
-    b.add_argument("--model", help="decode: a checkpoint folder (default: make one from --preset)")
+    b.add_argument("--model", help="decode: a checkpoint folder (default: make one from --preset); serve: the "
+                                   "served checkpoint, to compare with the in-process decode engine")
     b.add_argument("--preset", default="qwen3-30b-a3b", help="decode: make-model preset (default: qwen3-30b-a3b)")
     b.add_argument("--layers", type=int, default=4, help="decode: layers of the made checkpoint (default: 4)")
     b.add_argument("--quant", default="fp8", help="decode: format of the made checkpoint (default: fp8)")
-    b.add_argument("--prompt-len", type=int, default=256, help="decode: prefill prompt length (default: 256)")
+    b.add_argument("--prompt-len", type=int, default=256, help="decode, serve: prompt length (default: 256)")
+    b.add_argument("--url", help="serve: the server (e.g. http://127.0.0.1:8000)")
+    b.add_argument("--concurrency", type=int, default=4, help="serve: requests in flight (default: 4)")
+    b.add_argument("--requests", type=int, default=32, help="serve: requests in all (default: 32)")
+    b.add_argument("--output-len", type=int, default=64, help="serve: tokens generated per request (default: 64)")
+    b.add_argument("--long-prompt-len", type=int, default=2048,
+                   help="serve: length of the long prompts (default: 2048)")
+    b.add_argument("--long-fraction", type=float, default=0.1, help="serve: share of long prompts (default: 0.1)")
+    b.add_argument("--api-key", help="serve: the server's API key, if it has one")
+    b.add_argument("--seed", type=int, default=0, help="serve: seed of the random prompts")
     b.add_argument("--steps", type=int, default=8, help="decode: timed steps per batch size (default: 8)")
     b.add_argument("--no-compare", action="store_true", help="decode: skip the transformers comparison")
     b.set_defaults(fn=_cmd_bench)

@@ -232,6 +232,19 @@ def test_metrics_exposes_latencies(server, client):
         assert name in text, name
 
 
+def test_bench_serve_smoke(server, model_path, tmp_path):
+    from services.loadtest import run
+
+    out = tmp_path / "serve.json"
+    report = run(server.url.removesuffix("/v1"), concurrency=2, requests=6, prompt_len=6, long_prompt_len=40,
+                 long_fraction=0.34, output_len=8, json_path=str(out), compare_model=str(model_path))
+    saved = json.loads(out.read_text())
+    assert saved["completed"] == 6 and saved["errors"] == 0
+    assert saved["ttft_s"]["p50"] > 0 and saved["tpot_s"]["p99"] >= saved["tpot_s"]["p50"] > 0
+    assert saved["output_tok_s"] > 0 and saved["in_process_decode_tok_s"] > 0
+    assert report["ttft_long_s"]["p50"] is not None  # the mix had long prompts
+
+
 def _metric(text: str, name: str) -> float:
     for line in text.splitlines():
         if line.startswith(name + " "):
