@@ -190,6 +190,29 @@ def test_invalid_requests_get_openai_errors(server, client, path, body, status):
     assert client.completions.create(model=MODEL, prompt="still fine", max_tokens=2).usage.completion_tokens >= 1
 
 
+def test_malformed_zeromq_messages_are_dropped(server, client):
+    import zmq
+
+    from shared.messages import Cancel, encode
+
+    ctx = zmq.Context.instance()
+    router = ctx.socket(zmq.DEALER)
+    kv = ctx.socket(zmq.PUSH)
+    router.connect(f"ipc://{server.run_dir}/router.sock")
+    kv.connect(f"ipc://{server.run_dir}/kv-decode-0.sock")
+    good = encode(Cancel(rid="nobody"))
+    for sock in (router, kv):
+        sock.send_multipart([b"\xff", b"garbage"])
+        sock.send_multipart([good[0], b"\xc1 not msgpack"])
+        sock.send_multipart([good[0]])
+        sock.send_multipart(good)  # well-formed, for a request nobody knows: ignored
+    time.sleep(0.5)
+    router.close(linger=0), kv.close(linger=0)
+    assert client.completions.create(model=MODEL, prompt="after garbage", max_tokens=3).usage.completion_tokens >= 1
+    dropped = [json.loads(line) for line in server.logs() if "dropped a malformed message" in line]
+    assert {d["service"] for d in dropped} >= {"router", "decode"}
+
+
 def test_cancellation_frees_kv(server, client):
     base = server.url.removesuffix("/v1")
     with httpx.stream("POST", f"{server.url}/completions", json={
