@@ -99,7 +99,13 @@ def _config(args: argparse.Namespace):
 
 def _cmd_daemon(args: argparse.Namespace) -> int:
     import importlib
+    import os
 
+    if args.command == "prefill":
+        # Prefill is throughput work that shares the CPU with decode when it has no GPU: its idle
+        # OpenMP threads must sleep, not spin on cores that decode's kernels need. libgomp reads
+        # this once, when torch loads, so it is set before the import.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     module = importlib.import_module(f"services.{args.command}")
     return module.main(_config(args), args)
 

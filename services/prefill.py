@@ -68,8 +68,10 @@ class PrefillService:
         device = p.device
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cpu" and p.threads:
-            torch.set_num_threads(p.threads)
+        if device == "cpu":
+            if p.threads:
+                torch.set_num_threads(p.threads)
+            os.nice(p.nice)  # decode's latency first; prefill takes what it leaves
         t0 = time.perf_counter()
         self.weights = weight_store.attach(self.cfg.manifest, wait_s=60)
         model = self.weights.build("cpu")

@@ -77,8 +77,10 @@ class PrefillConfig:
     device: str = "auto"  # "auto" (the first GPU, else the CPU), "cpu", "cuda", "cuda:1"
     chunk_size: int = 8192
     threads: int = 0  # CPU threads when it runs on the CPU (0: all)
+    nice: int = 10  # on the CPU, run below decode's priority (0: the same)
 
     def __post_init__(self) -> None:
+        _require(0 <= self.nice <= 19, "prefill.nice", "must lie in [0, 19]")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "prefill.device", f"{self.device!r} is not auto, cpu or cuda[:N]")
         _require(self.chunk_size >= 1, "prefill.chunk_size", "must be >= 1")
