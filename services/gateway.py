@@ -91,6 +91,8 @@ class RouterClient:
             if msg is None:
                 continue
             if msg.KIND == Kind.ROUTER_STATUS:
+                if self.status.epoch and msg.epoch != self.status.epoch:
+                    self._router_restarted()
                 self.status, self.status_at = msg, time.monotonic()
             elif msg.KIND == Kind.TOKENS:
                 for item in msg.items:
@@ -101,6 +103,13 @@ class RouterClient:
                     q.put_nowait(msg)
             else:
                 self.log.warning("dropped a message of an unexpected kind", kind=msg.KIND.name)
+
+    def _router_restarted(self) -> None:
+        """The new router knows nothing of the requests the old one held: fail them (503)."""
+        self.log.warning("the router restarted; failing the requests it held", requests=len(self.queues))
+        for rid, q in self.queues.items():
+            q.put_nowait(Reject(rid=rid, status=503, message="the router restarted; retry the request"))
+        self.queues.clear()
 
     async def close(self) -> None:
         for t in self.tasks:
@@ -117,9 +126,8 @@ class Metrics:
                               buckets=_LATENCY_BUCKETS)
         self.tpot = Histogram("hybridmoe_time_per_output_token_seconds", "Mean time per output token after the "
                               "first, per request", registry=r, buckets=_LATENCY_BUCKETS)
-        self.queue = Histogram("hybridmoe_queue_time_seconds", "Time from arrival to the first token's request "
-                               "leaving the router's queue (as measured by the gateway: until the first event)",
-                               registry=r, buckets=_LATENCY_BUCKETS)
+        self.queue = Histogram("hybridmoe_queue_time_seconds", "Time a request waited in the router's queue "
+                               "before it was placed on a service", registry=r, buckets=_LATENCY_BUCKETS)
         self.prompt_tokens = Counter("hybridmoe_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("hybridmoe_generation_tokens", "Tokens generated", registry=r)
         self.kv_usage = Gauge("hybridmoe_kv_cache_usage_ratio", "KV cache reserved / capacity over decode services",
@@ -284,7 +292,6 @@ class Gateway:
                                "context_length_exceeded")
         base = f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         log = self.log.bind(rid=base)
-        stops = self._stop_ids(s)
         choices: list[_Choice] = []
         q: asyncio.Queue = asyncio.Queue()
         arrived = time.monotonic()
@@ -295,7 +302,7 @@ class Gateway:
                     self.cfg.gateway.default_max_tokens, ctx - len(p))
                 params = Params(max_tokens=max(max_tokens, 1), temperature=s.temperature, top_p=s.top_p,
                                 top_k=s.top_k, seed=None if s.seed is None else s.seed + j,
-                                stop_token_ids=stops, ignore_eos=s.ignore_eos, logprobs=logprobs)
+                                stop_token_ids=s.stop_token_ids, ignore_eos=s.ignore_eos, logprobs=logprobs)
                 c = _Choice(idx, f"{base}-{idx}")
                 choices.append(c)
                 await self.router.submit(Submit(rid=c.rid, prompt=p, params=params,
@@ -319,9 +326,6 @@ class Gateway:
         self.metrics.requests.labels(request.path, "ok").inc()
         return web.json_response(body)
 
-    def _stop_ids(self, s: Sampling) -> list[int]:
-        return []
-
     async def _next(self, request: web.Request, q: asyncio.Queue):
         """The next event, or None when the client went away or the router is gone."""
         while True:
@@ -341,6 +345,8 @@ class Gateway:
             c.prompt_lp = ev
             return c
         item: TokenItem = ev
+        if item.queued_s is not None:
+            self.metrics.queue.observe(item.queued_s)
         if item.new and c.finish is None:
             if c.first_at is None:
                 c.first_at = time.monotonic()

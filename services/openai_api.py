@@ -68,6 +68,7 @@ class Sampling:
     top_k: int
     seed: int | None
     stop: list[str]
+    stop_token_ids: list[int]  # an extension (as vLLM has it): end on any of these tokens
     n: int
     stream: bool
     include_usage: bool
@@ -94,6 +95,10 @@ def parse_sampling(body: dict, max_n: int, max_tokens_key: tuple[str, ...], defa
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > MAX_STOP:
         raise _bad(f"'stop' must be a non-empty string or a list of at most {MAX_STOP} of them", "stop")
+    stop_ids = body.get("stop_token_ids") or []
+    if not isinstance(stop_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                  for t in stop_ids):
+        raise _bad("'stop_token_ids' must be a list of token ids", "stop_token_ids")
     stream = _boolean(body, "stream", False)
     opts = body.get("stream_options")
     if opts is not None and not isinstance(opts, dict):
@@ -108,8 +113,8 @@ def parse_sampling(body: dict, max_n: int, max_tokens_key: tuple[str, ...], defa
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0) or 1e-9,
         top_k=_integer(body, "top_k", 0, -1) if body.get("top_k") != -1 else 0,
         seed=seed % (2**63) if seed is not None else None,
-        stop=stop, n=_integer(body, "n", 1, 1, max_n), stream=stream, include_usage=include_usage,
-        ignore_eos=_boolean(body, "ignore_eos", False))
+        stop=stop, stop_token_ids=stop_ids, n=_integer(body, "n", 1, 1, max_n), stream=stream,
+        include_usage=include_usage, ignore_eos=_boolean(body, "ignore_eos", False))
 
 
 @dataclass

@@ -79,6 +79,7 @@ class _Request:
     decode: str | None = None
     need: int = 0  # KV tokens reserved on the decode service
     early: list[TokenItem] = field(default_factory=list)  # decode's tokens that overtook prefill's first
+    queued_s: float | None = None  # arrival to placement; reported with the first token
 
 
 class Router:
@@ -91,6 +92,7 @@ class Router:
         self.gateways: dict[bytes, float] = {}
         self.requests: dict[str, _Request] = {}
         self.queue: deque[str] = deque()
+        self.epoch = f"{os.getpid()}-{time.time():.6f}"
         self.handlers = {Kind.HEARTBEAT: self._on_heartbeat, Kind.SUBMIT: self._on_submit, Kind.CANCEL: self._on_cancel,
                          Kind.FIRST_TOKEN: self._on_first, Kind.TOKENS: self._on_tokens,
                          Kind.PROMPT_LOGPROBS: self._on_prompt_logprobs, Kind.FAILED: self._on_failed}
@@ -152,7 +154,7 @@ class Router:
         if r is None or r.state != State.PREFILLING or self.services.get(r.prefill or "", None) is None:
             return
         r.state = State.DECODING
-        items, r.early = [m.item, *r.early], []
+        items, r.early = [self._stamp(r, m.item), *r.early], []
         for item in items:
             if item.new:
                 r.generated.append(item.token)
@@ -171,6 +173,7 @@ class Router:
                 r.early.append(item)
                 continue
             if item.new:
+                item = self._stamp(r, item)
                 r.generated.append(item.token)
             by_gateway.setdefault(r.gateway, []).append(item)
             if item.finish is not None:
@@ -196,6 +199,13 @@ class Router:
         self._release(m.rid, r, cancel=True)
 
     # --- placement ---------------------------------------------------------------------------------
+
+    @staticmethod
+    def _stamp(r: _Request, item: TokenItem) -> TokenItem:
+        """The request's queue time rides on its first token."""
+        if r.generated or r.queued_s is None:
+            return item
+        return replace(item, queued_s=r.queued_s)
 
     def _need(self, r: _Request, s: _Service) -> int:
         b = max(s.beat.block_size, 1)
@@ -236,6 +246,8 @@ class Router:
                 self._fail(rid, r, 503, "no prefill service is running")
                 continue
             self.queue.popleft()
+            if r.queued_s is None:
+                r.queued_s = time.monotonic() - r.arrived
             r.decode, r.need = name, self._need(r, s)
             s.reserved += r.need
             s.rids.add(rid)
@@ -331,7 +343,7 @@ class Router:
 
     def _status(self) -> RouterStatus:
         decodes = self._live("decode")
-        return RouterStatus(prefill=len(self._live("prefill")), decode=len(decodes),
+        return RouterStatus(epoch=self.epoch, prefill=len(self._live("prefill")), decode=len(decodes),
                             max_context=max((s.beat.max_context for _, s in decodes), default=0),
                             queued=len(self.queue), running=len(self.requests) - len(self.queue),
                             kv_used_tokens=sum(s.reserved for _, s in decodes),

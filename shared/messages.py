@@ -92,6 +92,7 @@ class TokenItem:
     top: list[list] | None = None  # [[token, logprob], ...]
     finish: str | None = None  # "stop", "length", "abort" or None while running
     new: bool = True
+    queued_s: float | None = None  # on a request's first token: its time in the router's queue
 
 
 # --- messages ------------------------------------------------------------------------------------
@@ -218,6 +219,7 @@ class Failed(Message):
 @dataclass(frozen=True)
 class RouterStatus(Message):
     KIND: ClassVar[Kind] = Kind.ROUTER_STATUS
+    epoch: str = ""  # changes when the router restarts: requests the old one held are lost
     prefill: int = 0  # live prefill services
     decode: int = 0  # live decode services
     max_context: int = 0  # the longest sequence a live decode service can hold

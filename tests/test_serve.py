@@ -150,6 +150,15 @@ def test_stop_string(client):
     assert streamed == text[:cut]
 
 
+def test_stop_token_ids(client, tokenizer, reference):
+    prompt = _prompt(tokenizer, "Stop tokens")
+    want = reference.greedy(prompt, 10)
+    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=10, temperature=0,
+                                  extra_body={"stop_token_ids": [want[3]]})
+    cut = want.index(want[3])  # the first time that token comes
+    assert r.usage.completion_tokens == cut + 1 and r.choices[0].finish_reason == "stop"
+
+
 def test_both_decode_services_serve(server, client):
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda i: client.completions.create(model=MODEL, prompt=f"Parallel {i}", max_tokens=24,
@@ -249,6 +258,7 @@ def test_full_queue_answers_429(server):
 def test_metrics_exposes_latencies(server, client):
     client.completions.create(model=MODEL, prompt="metrics", max_tokens=4)
     text = httpx.get(server.url.removesuffix("/v1") + "/metrics").text
+    assert _metric(text, "hybridmoe_queue_time_seconds_count") >= 1
     for name in ("hybridmoe_time_to_first_token_seconds_bucket", "hybridmoe_time_per_output_token_seconds_count",
                  "hybridmoe_generation_tokens_total", "hybridmoe_kv_cache_usage_ratio",
                  'hybridmoe_requests_total{endpoint="/v1/completions",outcome="ok"}'):
