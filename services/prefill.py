@@ -75,7 +75,10 @@ class PrefillService:
         t0 = time.perf_counter()
         self.weights = weight_store.attach(self.cfg.manifest, wait_s=60)
         model = self.weights.build("cpu")
-        self.engine = PrefillEngine(model, device, chunk_size=p.chunk_size)
+        on_gpu = device.startswith("cuda")
+        if on_gpu:
+            self.weights.pin_for_cuda()  # experts stream from the shared pages themselves, by DMA
+        self.engine = PrefillEngine(model, device, chunk_size=p.chunk_size, host_pinned=on_gpu)
         self.log.info("attached", seconds=round(time.perf_counter() - t0, 2), device=device)
 
     def _init_io(self) -> None:

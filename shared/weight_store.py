@@ -202,6 +202,7 @@ class AttachedWeights:
     def __init__(self, manifest: dict) -> None:
         self.manifest = manifest
         self.maps: list[mmap.mmap] = []
+        self._pinned: set[int] = set()
         for seg in manifest["segments"]:
             try:
                 shm = posix_ipc.SharedMemory(seg["name"])
@@ -245,6 +246,20 @@ class AttachedWeights:
                 return True
         return False
 
+    def pin_for_cuda(self) -> None:
+        """Register the mapped pages with CUDA (read-only), so that copies from them to a GPU are
+        DMA without a staging copy, and without a second copy of the weights in pinned memory."""
+        cudart = torch.cuda.cudart()
+        read_only = 8  # cudaHostRegisterReadOnly: the mapping is PROT_READ
+        for mm in self.maps:
+            if id(mm) in self._pinned:
+                continue
+            err = cudart.cudaHostRegister(_address(mm), len(mm), read_only)
+            if int(err) != 0:
+                raise StoreError(f"cudaHostRegister of a {len(mm) / 2**20:.0f} MiB weight segment failed "
+                                 f"(CUDA error {int(err)}); raise the memlock limit (LimitMEMLOCK=infinity)")
+            self._pinned.add(id(mm))
+
     def build(self, device: str | torch.device = "cpu"):
         """The model over the mapped weights (CPU tensors are used in place)."""
         cfg = HFConfig.read(Path(self.manifest["model"]))
@@ -253,11 +268,14 @@ class AttachedWeights:
     def close(self) -> None:
         self.weights = {}
         for mm in self.maps:
+            if id(mm) in self._pinned:
+                torch.cuda.cudart().cudaHostUnregister(_address(mm))
             try:
                 mm.close()
             except BufferError:  # tensors still view it; the mapping goes when they do
                 pass
         self.maps = []
+        self._pinned.clear()
 
 
 def _address(mm: mmap.mmap) -> int:

@@ -155,3 +155,27 @@ def test_weight_store_quantizes_at_publish_time(tiny_models, tmp_path):
         assert a.build().layers[0].ffn.experts.fmt == "fp8_b128"
     finally:
         weight_store.unlink(manifest)
+
+
+@pytest.mark.gpu
+def test_shared_weights_stream_to_cuda_from_the_shared_pages(tiny_models, tmp_path):
+    """On CUDA the shared pages are registered, not copied into pinned memory: the streamer's host
+    experts are views of the mapping, pinned, and prefill matches the CPU run."""
+    from services.engine.prefill import PrefillEngine
+
+    path = tiny_models["tiny-deepseek-v3", "fp8"]
+    manifest = weight_store.publish(path, tmp_path / "w.json", namespace=f"g{os.getpid()}")
+    try:
+        a = weight_store.attach(tmp_path / "w.json")
+        a.pin_for_cuda()
+        eng = PrefillEngine(a.build("cpu"), "cuda", chunk_size=8, host_pinned=True)
+        host = [w.data for ws in eng.streamer.host.values() for w in ws]
+        assert all(t.is_pinned() and a.contains(t) for t in host)
+        prompt = list(range(3, 40))
+        got = eng.prefill(prompt, all_logits=True).logits
+        want = PrefillEngine(load_model(path), chunk_size=8).prefill(prompt, all_logits=True).logits
+        assert (got - want).abs().max() < 1e-3
+        eng.close()
+        a.close()
+    finally:
+        weight_store.unlink(manifest)

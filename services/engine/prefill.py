@@ -222,7 +222,10 @@ class PrefillEngine:
     """
 
     def __init__(self, model: CausalLM, device: str | torch.device = "cpu", chunk_size: int = 8192,
-                 depth: int | None = None, group: dist.ProcessGroup | None = None, copy_on_cpu: bool = False) -> None:
+                 depth: int | None = None, group: dist.ProcessGroup | None = None, copy_on_cpu: bool = False,
+                 host_pinned: bool = False) -> None:
+        """``host_pinned``: the routed experts already lie in page-locked host memory (the weight
+        store's shared pages registered with CUDA), so they are streamed from where they are."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.device = torch.device(device)
@@ -236,7 +239,8 @@ class PrefillEngine:
         lo, hi = self.expert_range
         host = {i: tuple(ex.weight(n).experts(lo, hi) for n in ("gate", "up", "down")) for i, ex in moe_layers.items()}
         if self.device.type == "cuda":
-            host = {i: tuple(_pinned(w) for w in ws) for i, ws in host.items()}
+            if not host_pinned:
+                host = {i: tuple(_pinned(w) for w in ws) for i, ws in host.items()}
             for ex in moe_layers.values():  # the host copies are the experts' only home now
                 for n in ("gate", "up", "down"):
                     setattr(ex, f"{n}_data", torch.empty(0))
