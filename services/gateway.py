@@ -41,7 +41,7 @@ from shared.messages import (
     try_decode,
 )
 from shared.service import notify, set_title
-from shared.tokenizer import Tokenizer
+from shared.tokenizer import IncrementalDecoder, Tokenizer
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
@@ -158,6 +158,7 @@ class _Choice:
     finish: str | None = None
     first_at: float | None = None
     prompt_lp: PromptLogprobs | None = None
+    detok: IncrementalDecoder | None = None
 
 
 class Gateway:
@@ -366,8 +367,14 @@ class Gateway:
     def _release_text(self, c: _Choice, stops: list[str]) -> None:
         """Advance ``c.text`` over the tokens that are safe to show: no half of a UTF-8 character,
         no text that might be the start of a stop string; a stop string found ends the choice."""
-        full = self.tokenizer.decode(c.tokens)
+        if c.detok is None:
+            c.detok = IncrementalDecoder(self.tokenizer)
         done = c.finish is not None
+        while len(c.detok.ids) < len(c.tokens):
+            c.detok.push(c.tokens[len(c.detok.ids)])
+        if done:
+            c.detok.flush()
+        full = c.detok.text
         if stops:
             hit = min((i for i in (full.find(st, max(0, len(c.text) - len(st))) for st in stops) if i >= 0),
                       default=-1)
@@ -376,8 +383,6 @@ class Gateway:
                 c.finish = "stop"
                 c.sent_tokens = len(c.tokens)
                 return
-        if full.endswith("\ufffd") and not done:
-            return
         safe = len(full)
         if stops and not done:
             for st in stops:

@@ -66,6 +66,38 @@ class Tokenizer:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 
 
+class IncrementalDecoder:
+    """The text of a growing token sequence, decoding only a short window per new token (not
+    the whole sequence each time). Text is released only once it is stable: a token that ends
+    inside a multi-byte character waits for the rest of it."""
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+        self._prefix = 0  # the window starts here: decoding from a token boundary keeps spacing right
+        self._read = 0  # tokens up to here are in ``text``
+
+    def push(self, token: int) -> str:
+        """Add a token; returns the text it releases (maybe empty)."""
+        self.ids.append(token)
+        return self._advance(final=False)
+
+    def flush(self) -> str:
+        """Release what is still held (an incomplete character becomes U+FFFD)."""
+        return self._advance(final=True)
+
+    def _advance(self, final: bool) -> str:
+        before = self.tokenizer.decode(self.ids[self._prefix:self._read])
+        after = self.tokenizer.decode(self.ids[self._prefix:])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        delta = after[len(before):]
+        self._prefix, self._read = self._read, len(self.ids)
+        self.text += delta
+        return delta
+
+
 def _token_text(token: str | dict | None) -> str | None:
     return token.get("content") if isinstance(token, dict) else token
 

@@ -43,3 +43,18 @@ def test_demo_model_is_made_once_and_generates():
     for token in out:
         assert token == int(model(torch.tensor([ids]))[0, -1].argmax())
         ids.append(token)
+
+
+@pytest.mark.parametrize("kind", ["byte", "deepseek"])
+def test_incremental_decoder_equals_decoding_everything(tmp_path, kind):
+    from shared.tokenizer import TOKENIZER_SIZES, TOKENIZER_WRITERS, IncrementalDecoder, Tokenizer
+
+    TOKENIZER_WRITERS[kind](tmp_path)
+    tok = Tokenizer(tmp_path)
+    gen = torch.Generator().manual_seed(0)
+    texts = ["Hello, world! ünïcødé 漢字 🙂 end", "  leading spaces\nand lines\ttabs"]
+    for ids in [tok.encode(t, add_bos=False) for t in texts] + [
+            torch.randint(2, TOKENIZER_SIZES[kind], (200,), generator=gen).tolist()]:
+        dec = IncrementalDecoder(tok)
+        released = "".join(dec.push(t) for t in ids) + dec.flush()
+        assert released == dec.text == tok.decode(ids)
