@@ -493,6 +493,7 @@ class Gateway:
                     ch["logprobs"] = {k: v[lo:hi] for k, v in ch["logprobs"].items()}
             return {"id": base, "object": obj, "created": created, "model": self.model_name, "choices": [ch]}
 
+        outcome = "ok"
         try:
             if kind == "chat":
                 for c in choices:
@@ -508,12 +509,12 @@ class Gateway:
                     self.metrics.requests.labels(request.path, "cancelled").inc()
                     return resp
                 try:
-                    c_text, c_sent = None, None
                     c = by_rid[ev.rid]
                     c_text, c_sent = c.text, c.sent_tokens
                     self._on_event(ev, by_rid, s, arrived)
-                except ApiError as e:
+                except ApiError as e:  # the status line is sent: the error goes in the stream
                     await send(e.body())
+                    outcome = f"error_{e.status}"
                     break
                 if c.text != c_text or c.finish is not None:
                     await send(chunk(c, c.text[len(c_text):], c_sent, c.sent_tokens, c.finish))
@@ -527,7 +528,7 @@ class Gateway:
                             "usage": self._usage(prompts, choices, s.n)})
             await resp.write(b"data: [DONE]\n\n")
             self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
-            self.metrics.requests.labels(request.path, "ok").inc()
+            self.metrics.requests.labels(request.path, outcome).inc()
         except (ConnectionResetError, asyncio.CancelledError):
             self.metrics.requests.labels(request.path, "cancelled").inc()
         return resp
