@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import time
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -28,7 +27,7 @@ from shared import weight_store
 from shared.config import Config
 from shared.messages import Cancel, DecodeTask, Failed, Heartbeat, Kind, KVChunk, KVDone, Message, TokenItem, Tokens
 from shared.sampling import Choice
-from shared.service import ServiceIO, Stopper, notify, numa_cpus, set_title
+from shared.service import ServiceIO, Stopper, numa_cpus, run_service
 
 
 class State(IntEnum):
@@ -156,17 +155,8 @@ class DecodeService:
 
     def event_loop(self) -> None:
         while not self.stopper.stopping:
-            busy = self.engine.has_work
-            try:
-                msg: Message | None = self.io.inbox.get_nowait() if busy else self.io.inbox.get(timeout=0.05)
-            except queue.Empty:
-                msg = None
-            while msg is not None:
+            for msg in self.io.drain(wait=not self.engine.has_work):
                 self._dispatch(msg)
-                try:
-                    msg = self.io.inbox.get_nowait()
-                except queue.Empty:
-                    msg = None
             if self.engine.has_work:
                 self._step()
             self._expire_pending()
@@ -225,21 +215,7 @@ def _eos_token_id(model_path: str) -> int | None:
 
 
 def run_decode(cfg: Config, name: str, numa_node: int) -> int:
-    set_title(f"hm-{name}")
-    try:
-        service = DecodeService(cfg, name, numa_node)
-    except Exception as e:
-        logging.setup("decode", cfg.log_format, cfg.log_level, name=name).error("cannot start", error=str(e))
-        return 1
-    notify("READY=1")
-    service.log.info("serving", kv_endpoint=service.kv_endpoint)
-    try:
-        service.event_loop()
-    finally:
-        notify("STOPPING=1")
-        service.close()
-        service.log.info("stopped")
-    return 0
+    return run_service("decode", name, cfg, lambda: DecodeService(cfg, name, numa_node))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

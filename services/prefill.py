@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import queue
 import time
 from collections import deque
 from enum import IntEnum
@@ -40,7 +39,7 @@ from shared.messages import (
     PromptLogprobs,
     TokenItem,
 )
-from shared.service import ServiceIO, Stopper, notify, set_title
+from shared.service import ServiceIO, Stopper, run_service
 
 
 class State(IntEnum):
@@ -138,16 +137,8 @@ class PrefillService:
 
     def event_loop(self) -> None:
         while not self.stopper.stopping:
-            try:
-                msg: Message | None = self.io.inbox.get(timeout=0.05) if not self.queue else self.io.inbox.get_nowait()
-            except queue.Empty:
-                msg = None
-            while msg is not None:
+            for msg in self.io.drain(wait=not self.queue):
                 self._dispatch(msg)
-                try:
-                    msg = self.io.inbox.get_nowait()
-                except queue.Empty:
-                    msg = None
             if self.queue:
                 task = self.queue.popleft()
                 try:
@@ -182,21 +173,7 @@ def _prompt_logprobs(task: PrefillTask, logits: torch.Tensor) -> PromptLogprobs:
 
 
 def run_prefill(cfg: Config, name: str) -> int:
-    set_title(f"hm-{name}")
-    try:
-        service = PrefillService(cfg, name)
-    except Exception as e:
-        logging.setup("prefill", cfg.log_format, cfg.log_level, name=name).error("cannot start", error=str(e))
-        return 1
-    notify("READY=1")
-    service.log.info("serving")
-    try:
-        service.event_loop()
-    finally:
-        notify("STOPPING=1")
-        service.close()
-        service.log.info("stopped")
-    return 0
+    return run_service("prefill", name, cfg, lambda: PrefillService(cfg, name))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -47,7 +47,7 @@ from shared.messages import (
     encode,
     try_decode,
 )
-from shared.service import Stopper, notify, set_title
+from shared.service import Stopper, run_service
 
 
 class State(IntEnum):
@@ -388,21 +388,7 @@ class Router:
 
 
 def run_router(cfg: Config) -> int:
-    set_title("hm-router")
-    try:
-        router = Router(cfg)
-    except Exception as e:
-        logging.setup("router", cfg.log_format, cfg.log_level).error("cannot start", error=str(e))
-        return 1
-    notify("READY=1")
-    router.log.info("serving", endpoint=cfg.router_endpoint, pid=os.getpid())
-    try:
-        router.event_loop()
-    finally:
-        notify("STOPPING=1")
-        router.close()
-        router.log.info("stopped")
-    return 0
+    return run_service("router", "router", cfg, lambda: Router(cfg))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

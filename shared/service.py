@@ -49,6 +49,16 @@ class ServiceIO:
         self._out = self.ctx.socket(zmq.PUSH)  # used by the compute thread only
         self._out.connect(self._outbox_addr)
 
+    def drain(self, wait: bool) -> list[Message]:
+        """Everything in the inbox; with ``wait`` block up to 50 ms for the first message."""
+        out: list[Message] = []
+        try:
+            out.append(self.inbox.get(timeout=0.05) if wait else self.inbox.get_nowait())
+            while True:
+                out.append(self.inbox.get_nowait())
+        except queue.Empty:
+            return out
+
     def send(self, msg: Message, target: bytes | str = ROUTER) -> None:
         """Send ``msg`` to the router or to a KV endpoint (an ``ipc://`` address)."""
         target = target.encode() if isinstance(target, str) else target
@@ -117,6 +127,28 @@ class ServiceIO:
 
 
 # --- process plumbing ----------------------------------------------------------------------------
+
+
+def run_service(role: str, name: str, cfg, make: Callable[[], object]) -> int:
+    """A daemon's life: build it (a failure is one clear log line and exit status 1), report
+    ready, run its event loop until SIGTERM/SIGINT, report stopping, close it."""
+    from shared import log as logging
+
+    set_title(f"hm-{name}")
+    try:
+        service = make()
+    except Exception as e:
+        logging.setup(role, cfg.log_format, cfg.log_level, name=name).error("cannot start", error=str(e))
+        return 1
+    notify("READY=1")
+    service.log.info("serving", pid=os.getpid())
+    try:
+        service.event_loop()
+    finally:
+        notify("STOPPING=1")
+        service.close()
+        service.log.info("stopped")
+    return 0
 
 
 class Stopper:
