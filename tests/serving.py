@@ -3,6 +3,7 @@ leaves nothing behind when it stops."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -68,6 +69,18 @@ class Server:
 
     def logs(self) -> list[str]:
         return self.log_path.read_text().splitlines()
+
+    def records(self) -> list[dict]:
+        """The JSON log records of every daemon (the launcher's own plain lines are skipped)."""
+        out = []
+        for line in self.logs():
+            try:
+                rec = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(rec, dict):
+                out.append(rec)
+        return out
 
     def stop(self) -> int:
         if self.proc.poll() is None:

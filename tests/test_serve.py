@@ -163,8 +163,7 @@ def test_both_decode_services_serve(server, client):
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda i: client.completions.create(model=MODEL, prompt=f"Parallel {i}", max_tokens=24,
                                                           temperature=0), range(4)))
-    names = {json.loads(line).get("name") for line in server.logs()
-             if line.startswith("{") and '"finished"' in line and '"decode"' in line}
+    names = {r.get("name") for r in server.records() if r.get("event") == "finished" and r["service"] == "decode"}
     assert {"decode-0", "decode-1"} <= names
 
 
@@ -218,7 +217,7 @@ def test_malformed_zeromq_messages_are_dropped(server, client):
     time.sleep(0.5)
     router.close(linger=0), kv.close(linger=0)
     assert client.completions.create(model=MODEL, prompt="after garbage", max_tokens=3).usage.completion_tokens >= 1
-    dropped = [json.loads(line) for line in server.logs() if "dropped a malformed message" in line]
+    dropped = [r for r in server.records() if r.get("event") == "dropped a malformed message"]
     assert {d["service"] for d in dropped} >= {"router", "decode"}
 
 
@@ -358,3 +357,21 @@ def test_killed_decode_requests_are_rehomed_then_fail_cleanly(failover_server):
     assert r["error"] is not None and "no decode service" in str(r["error"]), r
     after = httpx.post(f"{url}/completions", json={"model": MODEL, "prompt": "anyone?", "max_tokens": 2}, timeout=30)
     assert after.status_code == 503 and after.json()["error"]["message"]
+    # A decode service started alone attaches to the published weights (no reload) and serves.
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "services.cli", "decode", "--config", str(s.run_dir / "config.toml"),
+                             "--name", "decode-new"], stderr=s.log)
+    try:
+        deadline = time.monotonic() + 60
+        while httpx.get(url.removesuffix("/v1") + "/health").status_code != 200:
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        r = httpx.post(f"{url}/completions", json={"model": MODEL, "prompt": "back again", "max_tokens": 3}, timeout=30)
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1
+        attached = [r for r in s.records() if r.get("name") == "decode-new" and r.get("event") == "attached"]
+        assert attached and attached[0]["seconds"] < 10
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0
