@@ -23,6 +23,7 @@ from shared.layers import (
     Rotary,
     RoutedExperts,
     causal_attention,
+    linear,
     rope_parameters,
     suffix_causal_mask,
     yarn_mscale,
@@ -195,15 +196,15 @@ class MLAttention(nn.Module):
     def query(self, x: torch.Tensor) -> torch.Tensor:
         """x [B, T, D] -> q [B, T, H, N + R] (rope not yet applied)."""
         if self.q_a_proj is None:
-            q = F.linear(x, self.q_proj)
+            q = linear(x, self.q_proj)
         else:
-            q = F.linear(self.q_a_norm(F.linear(x, self.q_a_proj)), self.q_b_proj)
+            q = linear(self.q_a_norm(linear(x, self.q_a_proj)), self.q_b_proj)
         return q.unflatten(-1, (self.a.num_attention_heads, self.a.qk_head_dim))
 
     def latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, T, D] -> normalised latent [B, T, L], rope key [B, T, R] (rope not yet applied).
         These two are what the KV cache stores per token."""
-        kv = F.linear(x, self.kv_a_proj)
+        kv = linear(x, self.kv_a_proj)
         latent, k_rope = kv.split([self.a.kv_lora_rank, self.a.qk_rope_head_dim], dim=-1)
         return self.kv_a_norm(latent), k_rope
 
@@ -220,7 +221,7 @@ class MLAttention(nn.Module):
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)  # [B, H, T, N], [B, H, T, V]
         k = torch.cat((k_nope, k_rope.expand(-1, a.num_attention_heads, -1, -1)), dim=-1)
         out = causal_attention(torch.cat((q_nope, q_rope), dim=-1), k, v, self.scale)
-        return F.linear(out, self.o_proj)
+        return linear(out, self.o_proj)
 
     # The cached form the engines use. A token's cache entry is the normalised latent and the
     # rope key, rope applied: kv_lora_rank + qk_rope_head_dim values, not per-head K/V.
@@ -267,7 +268,7 @@ class MLAttention(nn.Module):
         return torch.einsum("thc,hvc->thv", o_lat, w_uv).flatten(1)
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
-        return F.linear(o, self.o_proj)
+        return linear(o, self.o_proj)
 
 
 class GroupLimitedRouter(nn.Module):

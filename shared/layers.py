@@ -10,7 +10,9 @@ modules serve inference only.
 
 from __future__ import annotations
 
+import contextvars
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +20,19 @@ from torch import nn
 
 from shared.checkpoint import CheckpointError, HFConfig
 from shared.quant import QuantWeight
+
+# A faster y = x W^T for some shapes (the engines' CPU decode sets the kernels' BF16 GEMV here for
+# the few-token case); it returns None to decline. Scoped to a context, never a module global.
+LINEAR_OVERRIDE: contextvars.ContextVar[Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None] = \
+    contextvars.ContextVar("LINEAR_OVERRIDE", default=None)
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, w)``, or the context's override when it takes the shape."""
+    fast = LINEAR_OVERRIDE.get()
+    if fast is not None and (y := fast(x, w)) is not None:
+        return y
+    return F.linear(x, w)
 
 
 class RMSNorm(nn.Module):
@@ -139,7 +154,7 @@ class DenseMLP(nn.Module):
         self.register_buffer("down", down)  # [D, I]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(F.silu(F.linear(x, self.gate)) * F.linear(x, self.up), self.down)
+        return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
 
 
 class SoftmaxTopKRouter(nn.Module):
@@ -152,7 +167,7 @@ class SoftmaxTopKRouter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, D] -> expert ids [T, k] (int64), weights [T, k] (float32)."""
-        probs = F.softmax(F.linear(x, self.weight).float(), dim=-1)
+        probs = F.softmax(linear(x, self.weight).float(), dim=-1)
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.norm_topk_prob:
             weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -303,9 +318,9 @@ class GQAttention(nn.Module):
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [B, T, D] -> q [B, H, T, Dh], k and v [B, K, T, Dh], rope applied."""
-        q = F.linear(x, self.q_proj).unflatten(-1, (self.heads, self.head_dim))
-        k = F.linear(x, self.k_proj).unflatten(-1, (self.kv_heads, self.head_dim))
-        v = F.linear(x, self.v_proj).unflatten(-1, (self.kv_heads, self.head_dim))
+        q = linear(x, self.q_proj).unflatten(-1, (self.heads, self.head_dim))
+        k = linear(x, self.k_proj).unflatten(-1, (self.kv_heads, self.head_dim))
+        v = linear(x, self.v_proj).unflatten(-1, (self.kv_heads, self.head_dim))
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
@@ -315,7 +330,7 @@ class GQAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x, positions)
-        return F.linear(causal_attention(q, k, v, self.head_dim**-0.5), self.o_proj)
+        return linear(causal_attention(q, k, v, self.head_dim**-0.5), self.o_proj)
 
     # The cached form the engines use: project a flat batch of tokens, attend one sequence at a
     # time over its cache, project out. A token's cache entry is its K and V, rope applied.
@@ -340,4 +355,4 @@ class GQAttention(nn.Module):
         return out.transpose(0, 1).flatten(1)
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
-        return F.linear(o, self.o_proj)
+        return linear(o, self.o_proj)

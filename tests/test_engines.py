@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.multiprocessing as mp
+import torch.nn.functional as F
 
 from services.engine.decode import DecodeEngine
 from services.engine.prefill import PrefillEngine
@@ -248,3 +249,28 @@ def test_bench_decode_smoke(tiny_models, tmp_path):
         (n, o) for o in (False, True) for n in bench.STREAMS]
     assert all(r["tok_s"] > 0 for r in report["decode"]) and report["prefill_tok_s"] > 0
     assert 0 < report["decode"][0]["fraction_of_bandwidth"]
+
+
+def test_kernel_linear_matches_torch_and_declines_what_it_cannot_take():
+    from services.engine.runner import KERNEL_LINEAR_MAX_ROWS, _kernel_linear, align_for_kernels
+
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(96, 160, generator=gen).to(torch.bfloat16)
+    for rows in range(1, KERNEL_LINEAR_MAX_ROWS + 1):
+        x = torch.randn(rows, 160, generator=gen).to(torch.bfloat16)
+        got, want = _kernel_linear(x, w), F.linear(x.float(), w.float())
+        assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() <= 2e-2 * want.abs().max()
+    assert _kernel_linear(torch.randn(KERNEL_LINEAR_MAX_ROWS + 1, 160).bfloat16(), w) is None
+    assert _kernel_linear(torch.randn(1, 160), w.float()) is None
+    misaligned = torch.empty(96 * 160 + 8, dtype=torch.bfloat16)[4:].view(96, 160)
+    assert misaligned.data_ptr() % 64 and _kernel_linear(torch.randn(1, 160).bfloat16(), misaligned) is None
+
+    class Tied(torch.nn.Module):
+        def __init__(self, t):
+            super().__init__()
+            self.register_buffer("a", t)
+            self.register_buffer("b", t)
+
+    m = Tied(misaligned.copy_(w))
+    assert align_for_kernels(m) == 1
+    assert m.a.data_ptr() % 64 == 0 and m.a.data_ptr() == m.b.data_ptr() and torch.equal(m.a, w)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from cython_kernels import api
 from shared.deepseek_v3 import MLAttention
-from shared.layers import CausalLM, DecoderLayer, MoE, RoutedExperts
+from shared.layers import LINEAR_OVERRIDE, CausalLM, DecoderLayer, MoE, RoutedExperts
 from shared.quant import QuantWeight
 
 
@@ -72,13 +72,49 @@ class _MicroBatch:
         self.pending: tuple | None = None  # (handle, shared output or None) of a layer's experts
 
 
+# Up to this many rows, a CPU BF16 linear (the LM head included) goes through the kernels' GEMV:
+# one read of the weight at close to the memory bandwidth. Beyond, torch's GEMM is as fast or
+# faster today (LM head 151936x2048 on 2 cores: kernel 25.9 ms vs torch 28.3 ms at 1 row, 33.7 vs
+# 29.7 ms at 4 rows), until the kernels reuse each weight load across tokens (issue 3).
+KERNEL_LINEAR_MAX_ROWS = 2
+
+
+def align_for_kernels(model: CausalLM) -> int:
+    """The CPU kernels need 64-byte aligned weights; tensors read from a safetensors file are views
+    at arbitrary offsets. Copy each misaligned BF16 matrix once (a fresh allocation is aligned);
+    shared-memory weights are page-aligned and stay where they are. Returns how many were copied."""
+    copies: dict[int, torch.Tensor] = {}  # a tied weight stays one tensor
+    for mod in model.modules():
+        for name, buf in list(mod._buffers.items()):
+            if (buf is not None and buf.device.type == "cpu" and buf.dtype == torch.bfloat16 and buf.dim() == 2
+                    and buf.data_ptr() % 64):
+                mod._buffers[name] = copies.setdefault(buf.data_ptr(), buf.contiguous().clone())
+    return len(copies)
+
+
+def _kernel_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+    """x W^T through the BF16 kernel GEMV for a few rows on the CPU; None declines (torch then)."""
+    if (w.dtype != torch.bfloat16 or w.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.bfloat16
+            or w.data_ptr() % 64 or not w.is_contiguous() or x.shape[-1] != w.shape[1]):
+        return None
+    rows = x.reshape(-1, x.shape[-1])
+    if rows.shape[0] > KERNEL_LINEAR_MAX_ROWS or rows.shape[0] == 0:
+        return None
+    y = api.gemv(rows, QuantWeight("dense", w, None, tuple(w.shape)))
+    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+
+
 class ModelRunner:
     def __init__(self, model: CausalLM, experts: ExpertsBackend | None = None, absorbed_mla: bool = False,
                  cpu_lm_head: bool = False) -> None:
+        """``cpu_lm_head``: the LM head and the small dense linears of decode run on the CPU
+        kernels' BF16 GEMV (misaligned weights are realigned once, here)."""
         self.model = model
         self.experts = experts or TorchExperts()
         self.absorbed_mla = absorbed_mla
-        self.cpu_lm_head = cpu_lm_head
+        self.cpu_lm_head = cpu_lm_head and model.device.type == "cpu"
+        if self.cpu_lm_head:
+            align_for_kernels(model)
 
     @torch.inference_mode()
     def forward(self, segments: list[Segment], overlap: bool = False, kv_hook: KVHook | None = None,
@@ -86,6 +122,15 @@ class ModelRunner:
         """Run the segments; returns per segment fp32 logits [V] for its last token, or [T, V]
         for every new token when ``all_logits``. ``kv_hook`` sees each layer's new cache entries
         of each segment as soon as they exist; ``layer_hook(layer)`` runs before each layer."""
+        token = LINEAR_OVERRIDE.set(_kernel_linear) if self.cpu_lm_head else None
+        try:
+            return self._forward(segments, overlap, kv_hook, layer_hook)
+        finally:
+            if token is not None:
+                LINEAR_OVERRIDE.reset(token)
+
+    def _forward(self, segments: list[Segment], overlap: bool, kv_hook: KVHook | None,
+                 layer_hook: Callable[[int], None] | None) -> list[torch.Tensor]:
         m = self.model
         if overlap and len(segments) >= 2:
             half = _balanced_split([s.tokens.shape[0] for s in segments])
@@ -115,11 +160,8 @@ class ModelRunner:
         """fp32 logits; the CPU kernels' BF16 GEMV when it applies (decode: a few rows on the CPU,
         one read of the LM head at close to the memory bandwidth), else torch."""
         w = self.model.lm_head
-        if self.cpu_lm_head and w.device.type == "cpu" and w.dtype == torch.bfloat16 and h.shape[0] <= api.MAX_TOKENS:
-            try:
-                return api.gemv(h, QuantWeight("dense", w, None, tuple(w.shape)))
-            except ValueError:  # e.g. a misaligned buffer: torch reads it as well
-                self.cpu_lm_head = False
+        if self.cpu_lm_head and w.dtype == torch.bfloat16 and h.shape[0] <= KERNEL_LINEAR_MAX_ROWS:
+            return api.gemv(h, QuantWeight("dense", w, None, tuple(w.shape)))
         return F.linear(h, w).float()
 
     def _attention(self, li: int, layer: DecoderLayer, mb: _MicroBatch, kv_hook: KVHook | None) -> None:
