@@ -262,7 +262,7 @@ def test_kernel_linear_matches_torch_and_declines_what_it_cannot_take():
         assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() <= 2e-2 * want.abs().max()
     assert _kernel_linear(torch.randn(KERNEL_LINEAR_MAX_ROWS + 1, 160).bfloat16(), w) is None
     assert _kernel_linear(torch.randn(1, 160), w.float()) is None
-    misaligned = torch.empty(96 * 160 + 8, dtype=torch.bfloat16)[4:].view(96, 160)
+    misaligned = torch.empty(96 * 160 + 8, dtype=torch.bfloat16)[4:4 + 96 * 160].view(96, 160)
     assert misaligned.data_ptr() % 64 and _kernel_linear(torch.randn(1, 160).bfloat16(), misaligned) is None
 
     class Tied(torch.nn.Module):
