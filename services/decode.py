@@ -72,6 +72,7 @@ class DecodeService:
             eos_token_id=_eos_token_id(self.weights.manifest["model"]))
         self.states: dict[str, State] = {}
         self.pending: dict[str, _Pending] = {}
+        self.cancelled: dict[str, float] = {}  # rid -> when; KV still in flight for it is dropped
         self.log.info("attached", seconds=round(time.perf_counter() - t0, 2), cpus=len(self.cpus),
                       experts=self.engine.experts, kv_tokens=d.num_blocks * d.block_size)
 
@@ -90,6 +91,7 @@ class DecodeService:
     # --- handlers --------------------------------------------------------------------------------
 
     def _on_task(self, m: DecodeTask) -> None:
+        self.cancelled.pop(m.rid, None)  # a re-homed request may come back under its id
         if m.prefill_here:
             self._add(m.rid, lambda: self.engine.add(m.rid, m.prompt, m.params.sampling()))
             return
@@ -99,12 +101,12 @@ class DecodeService:
         self._maybe_start(m.rid)
 
     def _on_chunk(self, m: KVChunk) -> None:
-        if m.rid in self.io.cancelled:
+        if m.rid in self.cancelled:
             return
         self.pending.setdefault(m.rid, _Pending()).chunks.append(m)
 
     def _on_done(self, m: KVDone) -> None:
-        if m.rid in self.io.cancelled:
+        if m.rid in self.cancelled:
             return
         self.pending.setdefault(m.rid, _Pending()).done = m
         self._maybe_start(m.rid)
@@ -150,6 +152,7 @@ class DecodeService:
         self.engine.abort(m.rid)
         self.states.pop(m.rid, None)
         self.io.cancelled.discard(m.rid)
+        self.cancelled[m.rid] = time.monotonic()
 
     # --- the loop ----------------------------------------------------------------------------
 
@@ -192,8 +195,12 @@ class DecodeService:
         self.io.send(Tokens(items=items))
 
     def _expire_pending(self) -> None:
-        """KV whose task never came (the router cancelled it before we heard) is dropped."""
+        """KV whose task never came (the router cancelled it before we heard) is dropped, and
+        cancelled ids are forgotten once no KV for them can still be on its way."""
         now = time.monotonic()
+        for rid, when in list(self.cancelled.items()):
+            if now - when > 60:
+                del self.cancelled[rid]
         for rid, p in list(self.pending.items()):
             if p.task is None and now - p.since > 60:
                 del self.pending[rid]

@@ -315,6 +315,7 @@ class Router:
         self.log.warning("service lost", name=name, role=s.beat.role, why=why, requests=len(s.rids))
         rehome = []
         for rid in list(s.rids):
+            self._send(s.identity, Cancel(rid=rid))  # in case it is only slow: it must not finish them too
             r = self.requests.get(rid)
             if r is None:
                 continue
