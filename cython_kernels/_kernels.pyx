@@ -22,8 +22,25 @@ cdef extern from "moe.h" nogil:
                        float *out, int nthreads)
     void hm_pin_threads(const int *cpus, int n, int nthreads)
     void hm_dequant_fp8(const hm_weight *w, int64_t E, uint16_t *out, int nthreads)
+    int hm_amx_available
+    int hm_amx_enabled
 
 hm_init()
+
+
+def amx_available():
+    """Whether the CPU has AMX-BF16 and the OS granted this process its tile state."""
+    return bool(hm_amx_available)
+
+
+def amx_enabled():
+    return bool(hm_amx_enabled)
+
+
+def set_amx(bint on):
+    """Use AMX for FP8 at 3-16 tokens (when available); tests switch it to cover both paths."""
+    global hm_amx_enabled
+    hm_amx_enabled = 1 if (on and hm_amx_available) else 0
 
 VARIANT_CODES = {"generic": 0, "avx512_bf16": 1, "avx512f": 2, "avx2": 3}
 

@@ -35,9 +35,12 @@ static uint8_t hm_int4_bf16_lo[64] __attribute__((aligned(64)));
 static uint8_t hm_int4_bf16_hi[64] __attribute__((aligned(64)));
 static int hm_avx512_ready = 0;
 
+static void hm_init_amx(void);
+
 static void hm_init_avx512(void) {
     if (hm_avx512_ready) return;
     hm_init_generic();
+    hm_init_amx();
     for (int em = 0; em < 128; em++) {
         uint16_t h = em == 0x7f ? 0 : hm_f32_to_bf16(hm_e4m3_to_f32((uint8_t)em)); /* 0x7f is NaN */
         hm_fp8_bf16_lo[em] = (uint8_t)(h & 0xff);
@@ -212,8 +215,113 @@ HM_AVX512 static void hm_row_bf16(const hm_weight *w, int64_t r, const uint16_t 
     HM_TOKEN_BLOCKS(hm_row_bf16_nt, HM_TB)
 }
 
-static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, int T, float *y, int64_t ldy,
-                                int64_t r0, int64_t r1) {
+/* ---- AMX: FP8 for several tokens ----------------------------------------------------------------
+ * Above a couple of tokens the kernels above become bound by VDPBF16PS (each token is one more
+ * dot product per 32 weights). AMX's TDPBF16PS multiplies a 16x32 tile of weights by a 32xT tile
+ * of activations in one instruction, so the weights' decode, not the products, sets the pace
+ * whatever the number of tokens (up to 16 per tile). The weights are the A operand: 16 rows of
+ * decoded bf16, exactly as they come out of the decode above, no transposition. The activations
+ * are the B operand, in AMX's pair-interleaved layout (hm_build_xb), built once per call and
+ * shared by every tile. One C tile per 128-column scale block: stored, scaled and summed. */
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <cpuid.h>
+
+#define HM_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,amx-tile,amx-bf16")))
+#define HM_AMX_MIN_T 3  /* below this the kernels above are as fast */
+#define HM_AMX_MAX_T 16 /* tokens per tile */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} hm_tilecfg;
+
+static void hm_init_amx(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return;
+    /* Linux hands out the 8 KB of tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA). */
+    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return;
+    hm_amx_available = 1;
+    const char *env = getenv("HYBRIDMOE_AMX");
+    hm_amx_enabled = !(env && env[0] == '0');
+}
+
+/* Whether this call takes the AMX path: then xb must hold hm_build_xb's layout of xp. */
+static inline int hm_amx_applies(const hm_weight *w, int T) {
+    return hm_amx_enabled && w->fmt == HM_FP8_B128 && T >= HM_AMX_MIN_T && T <= HM_AMX_MAX_T && w->cols % 2 == 0
+           && w->cols >= 64;
+}
+
+/* xp [T][cols] bf16 (decode order) -> xb: for each 32-column block j, 16 rows of T dword pairs:
+ * xb[(j * 16 + kk) * T + t] = columns (32j + 2kk, 32j + 2kk + 1) of token t. */
+static void hm_build_xb(const uint16_t *xp, int T, int64_t cols, uint32_t *xb) {
+    const int64_t full = cols / 64 * 64;
+    for (int t = 0; t < T; t++) {
+        const uint32_t *x32 = (const uint32_t *)(xp + (int64_t)t * cols);
+        for (int64_t i = 0; i < full / 2; i++) xb[i * T + t] = x32[i];
+    }
+}
+
+/* Rows [r0, r0 + 16) for T tokens through AMX. */
+HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
+                                     float *y, int64_t ldy, int64_t r0) {
+    const __m512i lo_a = _mm512_load_si512(hm_fp8_bf16_lo), lo_b = _mm512_load_si512(hm_fp8_bf16_lo + 64);
+    const __m512i hi_a = _mm512_load_si512(hm_fp8_bf16_hi), hi_b = _mm512_load_si512(hm_fp8_bf16_hi + 64);
+    const __m512i sign = _mm512_set1_epi8((char)0x80);
+    const int64_t full = w->cols / 64 * 64, nbi = (w->cols + 127) / 128;
+    const float *sc = (const float *)w->scale + (r0 / 128) * nbi;
+    hm_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = 16, cfg.colsb[0] = (uint16_t)(T * 4);                        /* C: 16 rows x T fp32 */
+    cfg.rows[1] = cfg.rows[2] = 16, cfg.colsb[1] = cfg.colsb[2] = 64;         /* A: 16 rows x 32 bf16 */
+    cfg.rows[3] = cfg.rows[4] = 16, cfg.colsb[3] = cfg.colsb[4] = (uint16_t)(T * 4); /* B: 16 x T pairs */
+    _tile_loadconfig(&cfg);
+    uint16_t a0[16 * 32] __attribute__((aligned(64))), a1[16 * 32] __attribute__((aligned(64)));
+    float cb[16 * 16] __attribute__((aligned(64)));
+    __m512 tot[16];
+    for (int n = 0; n < 16; n++) tot[n] = _mm512_setzero_ps();
+    const __mmask16 tm = (__mmask16)((1u << T) - 1);
+    for (int64_t s0 = 0; s0 < full; s0 += 128) {
+        const int64_t s1 = s0 + 128 < full ? s0 + 128 : full;
+        _tile_zero(0);
+        for (int64_t c = s0; c < s1; c += 64) {
+            for (int n = 0; n < 16; n++) {
+                const uint8_t *row = w->data + (r0 + n) * w->cols;
+                _mm_prefetch((const char *)(row + c + HM_PREFETCH), _MM_HINT_T0);
+                __m512i b = _mm512_loadu_si512(row + c);
+                __m512i lo = _mm512_permutex2var_epi8(lo_a, b, lo_b);
+                __m512i hi = _mm512_ternarylogic_epi32(sign, b, _mm512_permutex2var_epi8(hi_a, b, hi_b), 0xCA);
+                _mm512_store_si512(a0 + n * 32, _mm512_unpacklo_epi8(lo, hi));
+                _mm512_store_si512(a1 + n * 32, _mm512_unpackhi_epi8(lo, hi));
+            }
+            _tile_loadd(1, a0, 64);
+            _tile_loadd(2, a1, 64);
+            _tile_loadd(3, xb + (c / 32) * 16 * T, T * 4);
+            _tile_loadd(4, xb + (c / 32 + 1) * 16 * T, T * 4);
+            _tile_dpbf16ps(0, 1, 3);
+            _tile_dpbf16ps(0, 2, 4);
+        }
+        _tile_stored(0, cb, 64);
+        const __m512 s = _mm512_set1_ps(sc[s0 / 128]);
+        for (int n = 0; n < 16; n++) tot[n] = _mm512_fmadd_ps(_mm512_maskz_load_ps(tm, cb + n * 16), s, tot[n]);
+    }
+    _tile_release();
+    for (int n = 0; n < 16; n++) {
+        float v[16];
+        _mm512_storeu_ps(v, tot[n]);
+        for (int t = 0; t < T; t++) {
+            float tail = full < w->cols ? hm_tail(w, r0 + n, full, xp + (int64_t)t * w->cols) : 0.f;
+            y[t * ldy + r0 + n] = v[t] + tail;
+        }
+    }
+}
+
+static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T, float *y,
+                                int64_t ldy, int64_t r0, int64_t r1) {
+    if (xb && hm_amx_applies(w, T))
+        for (; r0 + 16 <= r1; r0 += 16) hm_rows16_fp8_amx(w, xp, xb, T, y, ldy, r0);
     for (int64_t r = r0; r < r1; r++) {
         if (w->fmt == HM_FP8_B128) hm_row_fp8(w, r, xp, T, y, ldy);
         else if (w->fmt == HM_INT4) hm_row_int4(w, r, xp, T, y, ldy);

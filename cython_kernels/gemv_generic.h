@@ -15,6 +15,10 @@ enum { HM_DENSE_BF16 = 0, HM_FP8_B128 = 1, HM_INT4 = 2 };
 #define HM_MAX_TOKENS 64
 #define HM_CHUNK 128 /* columns decoded at a time */
 
+/* AMX (see gemv_avx512.h), declared here so that every build has the switches. */
+static int hm_amx_available = 0; /* the CPU has AMX-BF16 and the OS let this process use it */
+static int hm_amx_enabled = 0;   /* ... and it is not switched off (HYBRIDMOE_AMX=0, or set_amx) */
+
 typedef struct {
     int fmt;          /* HM_DENSE_BF16, HM_FP8_B128, HM_INT4 */
     int group;        /* INT4 group size (32 or 128) */

@@ -36,10 +36,25 @@ static void hm_prepare_x(int variant, int fmt, const float *x, int T, int64_t in
     hm_prepare_x_generic(x, T, in, (float *)xp);
 }
 
-static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, int T, float *y, int64_t ldy,
-                         int64_t r0, int64_t r1) {
+/* For the AMX path: xp's activations in AMX's layout, in a new buffer (NULL when AMX does not
+ * apply, or memory ran out: the AVX-512 path then runs). */
+static uint32_t *hm_amx_xb(int variant, const hm_weight *w, const void *xp, int T) {
 #if defined(__x86_64__)
-    if (variant == HM_AVX512_BF16) { hm_gemv_rows_avx512(w, (const uint16_t *)xp, T, y, ldy, r0, r1); return; }
+    if (variant != HM_AVX512_BF16 || !hm_amx_applies(w, T)) return NULL;
+    uint32_t *xb = malloc(sizeof(uint32_t) * (size_t)T * (size_t)(w->cols / 2));
+    if (xb) hm_build_xb((const uint16_t *)xp, T, w->cols, xb);
+    return xb;
+#else
+    (void)variant, (void)w, (void)xp, (void)T;
+    return NULL;
+#endif
+}
+
+/* xb: NULL, or (avx512_bf16 with AMX) the activations in AMX's layout, see hm_amx_xb. */
+static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, const uint32_t *xb, int T, float *y,
+                         int64_t ldy, int64_t r0, int64_t r1) {
+#if defined(__x86_64__)
+    if (variant == HM_AVX512_BF16) { hm_gemv_rows_avx512(w, (const uint16_t *)xp, xb, T, y, ldy, r0, r1); return; }
     if (variant == HM_AVX512F) { hm_gemv_rows_avx512f(w, (const float *)xp, T, y, ldy, r0, r1); return; }
     if (variant == HM_AVX2) { hm_gemv_rows_avx2(w, (const float *)xp, T, y, ldy, r0, r1); return; }
 #endif
@@ -49,12 +64,14 @@ static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, int T,
 /* y [T][out] = W x for x [T][in]; xp is scratch for T * in prepared activations. */
 static void hm_gemv(int variant, const hm_weight *w, const float *x, int T, float *y, void *xp, int nthreads) {
     hm_prepare_x(variant, w->fmt, x, T, w->cols, xp);
+    uint32_t *xb = hm_amx_xb(variant, w, xp, T);
     int64_t tiles = (w->rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
     for (int64_t i = 0; i < tiles; i++) {
         int64_t r0 = i * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < w->rows ? r0 + HM_ROWS_PER_TILE : w->rows;
-        hm_gemv_rows(variant, w, xp, T, y, w->rows, r0, r1);
+        hm_gemv_rows(variant, w, xp, xb, T, y, w->rows, r0, r1);
     }
+    free(xb);
 }
 
 /* A whole FP8 weight ([rows, cols], or E stacked experts as E * rows rows with per-expert
@@ -128,8 +145,15 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
     const int64_t it = (I + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
     const int64_t dt = (D + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
     float *g = h, *u = h + (size_t)n * I; /* g[p][I], u[p][I] for pair p */
+    uint32_t **xbg = calloc((size_t)na + 1, sizeof(uint32_t *)), **xbd = calloc((size_t)na + 1, sizeof(uint32_t *));
 #pragma omp parallel num_threads(nthreads)
     {
+        /* 0: for the AMX path, each active expert's activations in AMX's layout (NULL: not used). */
+#pragma omp for schedule(dynamic, 1)
+        for (int a = 0; a < (xbg ? na : 0); a++) {
+            hm_weight wg = hm_expert(gate, act[a]);
+            xbg[a] = hm_amx_xb(variant, &wg, (const char *)xg + (size_t)start[a] * D * esz, (int)(start[a + 1] - start[a]));
+        }
         /* 1: gate and up for every (active expert, block of I rows), then SiLU(gate) * up. */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t tile = 0; tile < (int64_t)na * it; tile++) {
@@ -139,14 +163,20 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
             int64_t p0 = start[a];
             int te = (int)(start[a + 1] - p0);
             const void *xa = (const char *)xg + (size_t)p0 * D * esz;
-            hm_gemv_rows(variant, &wg, xa, te, g + p0 * I, I, r0, r1);
-            hm_gemv_rows(variant, &wu, xa, te, u + p0 * I, I, r0, r1);
+            const uint32_t *xb = xbg ? xbg[a] : NULL;
+            hm_gemv_rows(variant, &wg, xa, xb, te, g + p0 * I, I, r0, r1);
+            hm_gemv_rows(variant, &wu, xa, xb, te, u + p0 * I, I, r0, r1);
             for (int t = 0; t < te; t++)
                 for (int64_t r = r0; r < r1; r++) g[(p0 + t) * I + r] = hm_silu(g[(p0 + t) * I + r]) * u[(p0 + t) * I + r];
         }
         /* 2: the down projection's inputs, prepared per pair. */
 #pragma omp for schedule(static)
         for (int p = 0; p < n; p++) hm_prepare_x(variant, down->fmt, g + (size_t)p * I, 1, I, (char *)hp + (size_t)p * I * esz);
+#pragma omp for schedule(dynamic, 1)
+        for (int a = 0; a < (xbd ? na : 0); a++) {
+            hm_weight wd = hm_expert(down, act[a]);
+            xbd[a] = hm_amx_xb(variant, &wd, (const char *)hp + (size_t)start[a] * I * esz, (int)(start[a + 1] - start[a]));
+        }
         /* 3: down for every block of D rows over all active experts; a tile owns its output rows. */
         float *ytmp = ytmp_all + (size_t)omp_get_thread_num() * n * HM_ROWS_PER_TILE;
 #pragma omp for schedule(dynamic, 1)
@@ -157,7 +187,7 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
                 int64_t p0 = start[a];
                 int te = (int)(start[a + 1] - p0);
                 /* rows r0..r1 land at ytmp[t * HM_ROWS_PER_TILE + (r - r0)] */
-                hm_gemv_rows(variant, &wd, (const char *)hp + (size_t)p0 * I * esz, te, ytmp - r0,
+                hm_gemv_rows(variant, &wd, (const char *)hp + (size_t)p0 * I * esz, xbd ? xbd[a] : NULL, te, ytmp - r0,
                              HM_ROWS_PER_TILE, r0, r1);
                 for (int t = 0; t < te; t++)
                     for (int64_t r = r0; r < r1; r++)
@@ -165,6 +195,11 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
             }
         }
     }
+    for (int a = 0; a < na; a++) {
+        if (xbg) free(xbg[a]);
+        if (xbd) free(xbd[a]);
+    }
+    free(xbg); free(xbd);
     free(xg); free(h); free(hp); free(ytmp_all);
     free(count); free(tok); free(act); free(tw); free(start); free(xw);
     return 0;

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import cython_kernels
-from cython_kernels import api
+from cython_kernels import _kernels, api
 from shared.layers import RoutedExperts
 from shared.quant import QuantWeight, dequantize, quantize
 
@@ -99,6 +99,48 @@ def test_moe_forward_matches_reference(variant, fmt, tokens):
     # the SiLU(gate) * up activations are rounded to bf16 before the down projection
     err = (out - ref).abs().max() / ref.abs().max()
     assert err < 1e-2, f"relative error {err}"
+
+
+AMX = pytest.mark.skipif(not _kernels.amx_available(), reason="this CPU (or OS) offers no AMX-BF16")
+
+
+@pytest.fixture
+def amx_switch():
+    """Run with AMX on, then off; leaves it as it was."""
+    was = _kernels.amx_enabled()
+    yield _kernels.set_amx
+    _kernels.set_amx(was)
+
+
+@AMX
+@pytest.mark.parametrize("tokens", [3, 8, 16])
+def test_fp8_amx_path_matches_reference(amx_switch, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    for shape in [(256, 512), (200, 300), (48, 7 * 64 + 2), (16, 64)]:  # ragged rows, a column tail
+        w = _q(torch.randn(shape, generator=g) * 0.05, "fp8_b128")
+        x = torch.randn(tokens, shape[1], generator=g)
+        ref = x.bfloat16().float() @ dequantize(w).T
+        amx_switch(True)
+        y_amx = api.gemv(x, w, variant="avx512_bf16", threads=2)
+        amx_switch(False)
+        y_avx = api.gemv(x, w, variant="avx512_bf16", threads=2)
+        for y in (y_amx, y_avx):
+            assert (y - ref).abs().max() / ref.abs().max() < 1e-4, shape
+        assert not torch.equal(y_amx, y_avx) or shape == (16, 64)  # (a different summation order)
+
+
+@AMX
+@pytest.mark.parametrize("tokens", [17, 40])
+def test_moe_forward_amx_matches_reference(amx_switch, tokens):
+    gate, up, down = _experts("fp8_b128", I=96, seed=tokens)
+    g = torch.Generator().manual_seed(tokens)
+    x = torch.randn(tokens, 256, generator=g)
+    ids = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(tokens)])
+    weights = torch.rand(tokens, 3, generator=g)
+    ref = RoutedExperts(gate, up, down)(x.bfloat16().float(), ids, weights)
+    amx_switch(True)
+    out = api.moe_forward(x, ids, weights, gate, up, down, variant="avx512_bf16", threads=2)
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-2
 
 
 def test_moe_submit_sync_overlaps_caller_work():
