@@ -249,8 +249,64 @@ static void hm_init_amx(void) {
 
 /* Whether this call takes the AMX path: then xb must hold hm_build_xb's layout of xp. */
 static inline int hm_amx_applies(const hm_weight *w, int T) {
-    return hm_amx_enabled && w->fmt == HM_FP8_B128 && T >= HM_AMX_MIN_T && T <= HM_AMX_MAX_T && w->cols % 2 == 0
-           && w->cols >= 64;
+    return hm_amx_enabled && (w->fmt == HM_FP8_B128 || w->fmt == HM_DENSE_BF16) && T >= HM_AMX_MIN_T
+           && T <= HM_AMX_MAX_T && w->cols % 2 == 0 && w->cols >= 64;
+}
+
+HM_AMX static void hm_amx_config(int T) {
+    hm_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = 16, cfg.colsb[0] = (uint16_t)(T * 4);                        /* C: 16 rows x T fp32 */
+    cfg.rows[1] = cfg.rows[2] = 16, cfg.colsb[1] = cfg.colsb[2] = 64;         /* A: 16 rows x 32 bf16 */
+    cfg.rows[3] = cfg.rows[4] = 16, cfg.colsb[3] = cfg.colsb[4] = (uint16_t)(T * 4); /* B: 16 x T pairs */
+    /* GCC does not see LDTILECFG read the struct and drops the stores above without this barrier
+     * (the instruction then faults on a half-written configuration). */
+    __asm__ volatile("" : : "r"(&cfg) : "memory");
+    _tile_loadconfig(&cfg);
+}
+
+/* C tile (16 rows x T, through cb) plus each row's scalar tail -> y. */
+HM_AVX512 static void hm_amx_store(const hm_weight *w, const uint16_t *xp, int T, const __m512 *tot, float *y,
+                                   int64_t ldy, int64_t r0) {
+    const int64_t full = w->cols / 64 * 64;
+    for (int n = 0; n < 16; n++) {
+        float v[16];
+        _mm512_storeu_ps(v, tot[n]);
+        for (int t = 0; t < T; t++) {
+            float tail = full < w->cols ? hm_tail(w, r0 + n, full, xp + (int64_t)t * w->cols) : 0.f;
+            y[t * ldy + r0 + n] = v[t] + tail;
+        }
+    }
+}
+
+/* BF16 rows [r0, r0 + 16): the A tiles load straight from the weight rows, nothing to decode. */
+HM_AMX static void hm_rows16_bf16_amx(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
+                                      float *y, int64_t ldy, int64_t r0) {
+    const int64_t full = w->cols / 64 * 64, stride = w->cols * 2;
+    const uint16_t *rows = (const uint16_t *)w->data + r0 * w->cols;
+    float cb[16 * 16] __attribute__((aligned(64)));
+    hm_amx_config(T);
+    _tile_zero(0);
+    for (int64_t c = 0; c < full; c += 64) {
+        for (int n = 0; n < 16; n++) {
+            const char *p = (const char *)(rows + n * w->cols + c) + HM_PREFETCH;
+            _mm_prefetch(p, _MM_HINT_T0);
+            _mm_prefetch(p + 64, _MM_HINT_T0);
+        }
+        _tile_loadd(1, rows + c, stride);
+        _tile_loadd(2, rows + c + 32, stride);
+        _tile_loadd(3, xb + (c / 32) * 16 * T, T * 4);
+        _tile_loadd(4, xb + (c / 32 + 1) * 16 * T, T * 4);
+        _tile_dpbf16ps(0, 1, 3);
+        _tile_dpbf16ps(0, 2, 4);
+    }
+    _tile_stored(0, cb, 64);
+    _tile_release();
+    const __mmask16 tm = (__mmask16)((1u << T) - 1);
+    __m512 tot[16];
+    for (int n = 0; n < 16; n++) tot[n] = _mm512_maskz_load_ps(tm, cb + n * 16);
+    hm_amx_store(w, xp, T, tot, y, ldy, r0);
 }
 
 /* xp [T][cols] bf16 (decode order) -> xb: for each 32-column block j, 16 rows of T dword pairs:
@@ -271,13 +327,7 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
     const __m512i sign = _mm512_set1_epi8((char)0x80);
     const int64_t full = w->cols / 64 * 64, nbi = (w->cols + 127) / 128;
     const float *sc = (const float *)w->scale + (r0 / 128) * nbi;
-    hm_tilecfg cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.palette = 1;
-    cfg.rows[0] = 16, cfg.colsb[0] = (uint16_t)(T * 4);                        /* C: 16 rows x T fp32 */
-    cfg.rows[1] = cfg.rows[2] = 16, cfg.colsb[1] = cfg.colsb[2] = 64;         /* A: 16 rows x 32 bf16 */
-    cfg.rows[3] = cfg.rows[4] = 16, cfg.colsb[3] = cfg.colsb[4] = (uint16_t)(T * 4); /* B: 16 x T pairs */
-    _tile_loadconfig(&cfg);
+    hm_amx_config(T);
     uint16_t a0[16 * 32] __attribute__((aligned(64))), a1[16 * 32] __attribute__((aligned(64)));
     float cb[16 * 16] __attribute__((aligned(64)));
     __m512 tot[16];
@@ -308,20 +358,16 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
         for (int n = 0; n < 16; n++) tot[n] = _mm512_fmadd_ps(_mm512_maskz_load_ps(tm, cb + n * 16), s, tot[n]);
     }
     _tile_release();
-    for (int n = 0; n < 16; n++) {
-        float v[16];
-        _mm512_storeu_ps(v, tot[n]);
-        for (int t = 0; t < T; t++) {
-            float tail = full < w->cols ? hm_tail(w, r0 + n, full, xp + (int64_t)t * w->cols) : 0.f;
-            y[t * ldy + r0 + n] = v[t] + tail;
-        }
-    }
+    hm_amx_store(w, xp, T, tot, y, ldy, r0);
 }
 
 static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T, float *y,
                                 int64_t ldy, int64_t r0, int64_t r1) {
     if (xb && hm_amx_applies(w, T))
-        for (; r0 + 16 <= r1; r0 += 16) hm_rows16_fp8_amx(w, xp, xb, T, y, ldy, r0);
+        for (; r0 + 16 <= r1; r0 += 16) {
+            if (w->fmt == HM_FP8_B128) hm_rows16_fp8_amx(w, xp, xb, T, y, ldy, r0);
+            else hm_rows16_bf16_amx(w, xp, xb, T, y, ldy, r0);
+        }
     for (int64_t r = r0; r < r1; r++) {
         if (w->fmt == HM_FP8_B128) hm_row_fp8(w, r, xp, T, y, ldy);
         else if (w->fmt == HM_INT4) hm_row_int4(w, r, xp, T, y, ldy);

@@ -113,11 +113,12 @@ def amx_switch():
 
 
 @AMX
+@pytest.mark.parametrize("fmt", ["fp8_b128", "dense"])
 @pytest.mark.parametrize("tokens", [3, 8, 16])
-def test_fp8_amx_path_matches_reference(amx_switch, tokens):
+def test_amx_path_matches_reference(amx_switch, fmt, tokens):
     g = torch.Generator().manual_seed(tokens)
     for shape in [(256, 512), (200, 300), (48, 7 * 64 + 2), (16, 64)]:  # ragged rows, a column tail
-        w = _q(torch.randn(shape, generator=g) * 0.05, "fp8_b128")
+        w = _q(torch.randn(shape, generator=g) * 0.05, fmt)
         x = torch.randn(tokens, shape[1], generator=g)
         ref = x.bfloat16().float() @ dequantize(w).T
         amx_switch(True)
