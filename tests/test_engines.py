@@ -252,18 +252,19 @@ def test_bench_decode_smoke(tiny_models, tmp_path):
 
 
 def test_kernel_linear_matches_torch_and_declines_what_it_cannot_take():
-    from services.engine.runner import KERNEL_LINEAR_MAX_ROWS, _kernel_linear, align_for_kernels
+    from services.engine.runner import _kernel_linear, align_for_kernels, kernel_linear_max_rows
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(96, 160, generator=gen).to(torch.bfloat16)
-    for rows in range(1, KERNEL_LINEAR_MAX_ROWS + 1):
+    most = kernel_linear_max_rows()
+    for rows in range(1, most + 1):
         x = torch.randn(rows, 160, generator=gen).to(torch.bfloat16)
-        got, want = _kernel_linear(x, w), F.linear(x.float(), w.float())
+        got, want = _kernel_linear(x, w, most), F.linear(x.float(), w.float())
         assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() <= 2e-2 * want.abs().max()
-    assert _kernel_linear(torch.randn(KERNEL_LINEAR_MAX_ROWS + 1, 160).bfloat16(), w) is None
-    assert _kernel_linear(torch.randn(1, 160), w.float()) is None
+    assert _kernel_linear(torch.randn(most + 1, 160).bfloat16(), w, most) is None
+    assert _kernel_linear(torch.randn(1, 160), w.float(), most) is None
     misaligned = torch.empty(96 * 160 + 8, dtype=torch.bfloat16)[4:4 + 96 * 160].view(96, 160)
-    assert misaligned.data_ptr() % 64 and _kernel_linear(torch.randn(1, 160).bfloat16(), misaligned) is None
+    assert misaligned.data_ptr() % 64 and _kernel_linear(torch.randn(1, 160).bfloat16(), misaligned, most) is None
 
     class Tied(torch.nn.Module):
         def __init__(self, t):

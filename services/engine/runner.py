@@ -16,11 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
+import cython_kernels
 from cython_kernels import api
 from shared.deepseek_v3 import MLAttention
 from shared.layers import LINEAR_OVERRIDE, CausalLM, DecoderLayer, MoE, RoutedExperts
@@ -72,11 +74,15 @@ class _MicroBatch:
         self.pending: tuple | None = None  # (handle, shared output or None) of a layer's experts
 
 
-# Up to this many rows, a CPU BF16 linear (the LM head included) goes through the kernels' GEMV:
-# one read of the weight at close to the memory bandwidth. Beyond, torch's GEMM is as fast or
-# faster today (LM head 151936x2048 on 2 cores: kernel 25.9 ms vs torch 28.3 ms at 1 row, 33.7 vs
-# 29.7 ms at 4 rows), until the kernels reuse each weight load across tokens (issue 3).
-KERNEL_LINEAR_MAX_ROWS = 2
+def kernel_linear_max_rows() -> int:
+    """Up to this many rows, a CPU BF16 linear (the LM head included) goes through the kernels'
+    GEMV: one read of the weight at close to the memory bandwidth. With AMX (avx512_bf16 on a CPU
+    that has it) a batch of up to 16 rows costs about one row, so up to 16. Without, torch's GEMM
+    is as fast beyond 2 rows (LM head 151936x2048 on 2 cores: kernel 25.9 vs torch 28.3 ms at 1
+    row, 33.7 vs 29.7 ms at 4)."""
+    from cython_kernels import _kernels
+
+    return 16 if cython_kernels.VARIANT == "avx512_bf16" and _kernels.amx_enabled() else 2
 
 
 def align_for_kernels(model: CausalLM) -> int:
@@ -92,13 +98,13 @@ def align_for_kernels(model: CausalLM) -> int:
     return len(copies)
 
 
-def _kernel_linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor | None:
+def _kernel_linear(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> torch.Tensor | None:
     """x W^T through the BF16 kernel GEMV for a few rows on the CPU; None declines (torch then)."""
     if (w.dtype != torch.bfloat16 or w.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.bfloat16
             or w.data_ptr() % 64 or not w.is_contiguous() or x.shape[-1] != w.shape[1]):
         return None
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > KERNEL_LINEAR_MAX_ROWS or rows.shape[0] == 0:
+    if rows.shape[0] > max_rows or rows.shape[0] == 0:
         return None
     y = api.gemv(rows, QuantWeight("dense", w, None, tuple(w.shape)))
     return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
@@ -113,6 +119,7 @@ class ModelRunner:
         self.experts = experts or TorchExperts()
         self.absorbed_mla = absorbed_mla
         self.cpu_lm_head = cpu_lm_head and model.device.type == "cpu"
+        self.max_kernel_rows = kernel_linear_max_rows()
         if self.cpu_lm_head:
             align_for_kernels(model)
 
@@ -122,7 +129,8 @@ class ModelRunner:
         """Run the segments; returns per segment fp32 logits [V] for its last token, or [T, V]
         for every new token when ``all_logits``. ``kv_hook`` sees each layer's new cache entries
         of each segment as soon as they exist; ``layer_hook(layer)`` runs before each layer."""
-        token = LINEAR_OVERRIDE.set(_kernel_linear) if self.cpu_lm_head else None
+        fast = partial(_kernel_linear, max_rows=self.max_kernel_rows) if self.cpu_lm_head else None
+        token = LINEAR_OVERRIDE.set(fast) if fast is not None else None
         try:
             return self._forward(segments, overlap, kv_hook, layer_hook)
         finally:
@@ -160,7 +168,7 @@ class ModelRunner:
         """fp32 logits; the CPU kernels' BF16 GEMV when it applies (decode: a few rows on the CPU,
         one read of the LM head at close to the memory bandwidth), else torch."""
         w = self.model.lm_head
-        if self.cpu_lm_head and w.dtype == torch.bfloat16 and h.shape[0] <= KERNEL_LINEAR_MAX_ROWS:
+        if self.cpu_lm_head and w.dtype == torch.bfloat16 and h.shape[0] <= self.max_kernel_rows:
             return api.gemv(h, QuantWeight("dense", w, None, tuple(w.shape)))
         return F.linear(h, w).float()
 
