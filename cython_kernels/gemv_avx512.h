@@ -249,7 +249,8 @@ static void hm_init_amx(void) {
 
 /* Whether this call takes the AMX path: then xb must hold hm_build_xb's layout of xp. */
 static inline int hm_amx_applies(const hm_weight *w, int T) {
-    return hm_amx_enabled && (w->fmt == HM_FP8_B128 || w->fmt == HM_DENSE_BF16) && T >= HM_AMX_MIN_T
+    return hm_amx_enabled && (w->fmt == HM_FP8_B128 || w->fmt == HM_DENSE_BF16 || (w->fmt == HM_INT4 && w->group == 128))
+           && T >= HM_AMX_MIN_T
            && T <= HM_AMX_MAX_T && w->cols % 2 == 0 && w->cols >= 64;
 }
 
@@ -278,6 +279,56 @@ HM_AVX512 static void hm_amx_store(const hm_weight *w, const uint16_t *xp, int T
             y[t * ldy + r0 + n] = v[t] + tail;
         }
     }
+}
+
+/* INT4 (groups of 128) rows [r0, r0 + 16): each 128 columns decode into four A tiles (the
+ * low nibbles then the high ones, in the order hm_prepare_x_avx512 laid the activations out);
+ * one C tile per group, scaled row by row. */
+HM_AMX static void hm_rows16_int4_amx(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
+                                      float *y, int64_t ldy, int64_t r0) {
+    const __m512i tlo = _mm512_load_si512(hm_int4_bf16_lo), thi = _mm512_load_si512(hm_int4_bf16_hi);
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    const int64_t full = w->cols / 128 * 128, groups = w->cols / 128;
+    hm_amx_config(T);
+    uint16_t a[4][16 * 32] __attribute__((aligned(64)));
+    float cb[16 * 16] __attribute__((aligned(64)));
+    __m512 tot[16];
+    for (int n = 0; n < 16; n++) tot[n] = _mm512_setzero_ps();
+    const __mmask16 tm = (__mmask16)((1u << T) - 1);
+    for (int64_t c = 0; c < full; c += 128) {
+        for (int n = 0; n < 16; n++) {
+            const uint8_t *row = w->data + (r0 + n) * (w->cols / 2);
+            _mm_prefetch((const char *)(row + c / 2 + HM_PREFETCH), _MM_HINT_T0);
+            __m512i b = _mm512_loadu_si512(row + c / 2);
+            __m512i ql = _mm512_and_si512(b, nib), qh = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+            __m512i ll = _mm512_shuffle_epi8(tlo, ql), lh = _mm512_shuffle_epi8(thi, ql);
+            __m512i hl = _mm512_shuffle_epi8(tlo, qh), hh = _mm512_shuffle_epi8(thi, qh);
+            _mm512_store_si512(a[0] + n * 32, _mm512_unpacklo_epi8(ll, lh));
+            _mm512_store_si512(a[1] + n * 32, _mm512_unpackhi_epi8(ll, lh));
+            _mm512_store_si512(a[2] + n * 32, _mm512_unpacklo_epi8(hl, hh));
+            _mm512_store_si512(a[3] + n * 32, _mm512_unpackhi_epi8(hl, hh));
+        }
+        _tile_zero(0);
+        _tile_loadd(1, a[0], 64);
+        _tile_loadd(2, a[1], 64);
+        _tile_loadd(3, xb + (c / 32) * 16 * T, T * 4);
+        _tile_loadd(4, xb + (c / 32 + 1) * 16 * T, T * 4);
+        _tile_dpbf16ps(0, 1, 3);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_loadd(1, a[2], 64);
+        _tile_loadd(2, a[3], 64);
+        _tile_loadd(3, xb + (c / 32 + 2) * 16 * T, T * 4);
+        _tile_loadd(4, xb + (c / 32 + 3) * 16 * T, T * 4);
+        _tile_dpbf16ps(0, 1, 3);
+        _tile_dpbf16ps(0, 2, 4);
+        _tile_stored(0, cb, 64);
+        const uint16_t *sc = (const uint16_t *)w->scale + r0 * groups + c / 128;
+        for (int n = 0; n < 16; n++)
+            tot[n] = _mm512_fmadd_ps(_mm512_maskz_load_ps(tm, cb + n * 16), _mm512_set1_ps(hm_bf16_to_f32(sc[n * groups])),
+                                     tot[n]);
+    }
+    _tile_release();
+    hm_amx_store(w, xp, T, tot, y, ldy, r0);
 }
 
 /* BF16 rows [r0, r0 + 16): the A tiles load straight from the weight rows, nothing to decode. */
@@ -366,6 +417,7 @@ static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, const ui
     if (xb && hm_amx_applies(w, T))
         for (; r0 + 16 <= r1; r0 += 16) {
             if (w->fmt == HM_FP8_B128) hm_rows16_fp8_amx(w, xp, xb, T, y, ldy, r0);
+            else if (w->fmt == HM_INT4) hm_rows16_int4_amx(w, xp, xb, T, y, ldy, r0);
             else hm_rows16_bf16_amx(w, xp, xb, T, y, ldy, r0);
         }
     for (int64_t r = r0; r < r1; r++) {
