@@ -148,6 +148,8 @@ class DecodeService:
         self.states[rid] = State.IN_ENGINE
 
     def _on_cancel(self, m: Cancel) -> None:
+        if (state := self.states.get(m.rid)) is not None:
+            self.log.info("cancel", rid=m.rid, state=state.name)
         self.pending.pop(m.rid, None)
         self.engine.abort(m.rid)
         self.states.pop(m.rid, None)

@@ -58,6 +58,7 @@ class PrefillService:
         self.stopper = Stopper()
         self.queue: deque[PrefillTask] = deque()
         self.running: str | None = None
+        self.states: dict[str, State] = {}
         self._init_engine()
         self._init_io()
         self.handlers = {Kind.PREFILL_TASK: self._on_task, Kind.CANCEL: self._on_cancel}
@@ -94,17 +95,22 @@ class PrefillService:
             self.io.cancelled.discard(m.rid)
             return
         self.queue.append(m)
+        self.states[m.rid] = State.QUEUED
 
     def _on_cancel(self, m: Cancel) -> None:
+        if (state := self.states.get(m.rid)) is not None:
+            self.log.info("cancel", rid=m.rid, state=state.name)
         for t in self.queue:
             if t.rid == m.rid:
                 self.queue.remove(t)
+                self.states.pop(m.rid, None)
                 break
         if self.running != m.rid:
             self.io.cancelled.discard(m.rid)
 
     def _run(self, task: PrefillTask) -> None:
         self.running = task.rid
+        self.states[task.rid] = State.RUNNING
         t0 = time.perf_counter()
 
         def on_kv(layer: int, start: int, entries: torch.Tensor) -> None:
@@ -120,6 +126,7 @@ class PrefillService:
             return
         finally:
             self.running = None
+            self.states.pop(task.rid, None)
             self.io.cancelled.discard(task.rid)
         if task.prompt_logprobs is not None:
             self.io.send(_prompt_logprobs(task, res.logits))
