@@ -159,6 +159,7 @@ class _Choice:
     first_at: float | None = None
     prompt_lp: PromptLogprobs | None = None
     detok: IncrementalDecoder | None = None
+    stream_offset: int = 0  # streamed completions: text offset of the next token's logprobs
 
 
 class Gateway:
@@ -402,14 +403,23 @@ class Gateway:
                 raise ApiError(499, "the client closed the connection")
             c = self._on_event(ev, by_rid, s, arrived)
             if c.finish is not None:
-                self.router.done(c.rid) if c.finish != "stop" else await self.router.cancel(c.rid)
+                await self._finished(c)
+
+    async def _finished(self, c: _Choice) -> None:
+        """A choice ended here: a stop string may have ended it while decode still runs it."""
+        if c.finish == "stop":
+            await self.router.cancel(c.rid)
+        else:
+            self.router.done(c.rid)
 
     # --- response bodies ---------------------------------------------------------------------------
 
     def _token_text(self, t: int) -> str:
         return self.tokenizer.decode([t], skip_special_tokens=False)
 
-    def _completion_logprobs(self, c: _Choice, prompt: list[int] | None, n_tokens: int, offset0: int) -> dict:
+    def _completion_logprobs(self, c: _Choice, prompt: list[int] | None, lo: int, hi: int, offset0: int) -> dict:
+        """Completion-style logprobs of generated tokens [lo, hi) (after the prompt's, with
+        ``prompt``); text offsets count from ``offset0``."""
         toks, lps, tops = [], [], []
         if prompt is not None:
             plp = c.prompt_lp
@@ -417,9 +427,9 @@ class Gateway:
             lps += [None] + (plp.logprobs if plp else [None] * (len(prompt) - 1))
             tops += [None] + ([self._top_dict(top) for top in plp.top] if plp and plp.top
                               else [None] * (len(prompt) - 1))
-        toks += c.tokens[:n_tokens]
-        lps += c.logprobs[:n_tokens]
-        tops += [self._top_dict(top) if top is not None else None for top in c.tops[:n_tokens]]
+        toks += c.tokens[lo:hi]
+        lps += c.logprobs[lo:hi]
+        tops += [self._top_dict(top) if top is not None else None for top in c.tops[lo:hi]]
         strs = [self._token_text(t) for t in toks]
         offsets, pos = [], offset0
         for st in strs:
@@ -442,7 +452,7 @@ class Gateway:
         return {"content": [{**entry(t, lp), "top_logprobs": [entry(a, b) for a, b in (top or [])]}
                             for t, lp, top in zip(c.tokens[lo:hi], c.logprobs[lo:hi], c.tops[lo:hi], strict=True)]}
 
-    def _usage(self, prompts: list[list[int]], choices: list[_Choice], n: int) -> dict:
+    def _usage(self, prompts: list[list[int]], choices: list[_Choice]) -> dict:
         prompt_tokens = sum(len(p) for p in prompts)
         completion = sum(len(c.tokens) for c in choices)
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
@@ -463,11 +473,11 @@ class Gateway:
                 text = (texts[pi] if echo else "") + c.text
                 ch = {"index": c.index, "text": text, "finish_reason": c.finish, "logprobs": None}
                 if logprobs is not None:
-                    ch["logprobs"] = self._completion_logprobs(c, prompts[pi] if echo else None, len(c.tokens), 0)
+                    ch["logprobs"] = self._completion_logprobs(c, prompts[pi] if echo else None, 0, len(c.tokens), 0)
             out.append(ch)
         return {"id": base, "object": "chat.completion" if kind == "chat" else "text_completion",
                 "created": int(time.time()), "model": self.model_name, "choices": out,
-                "usage": self._usage(prompts, choices, n)}
+                "usage": self._usage(prompts, choices)}
 
     # --- streaming ---------------------------------------------------------------------------------
 
@@ -486,11 +496,11 @@ class Gateway:
                 ch = {"index": c.index, "delta": {"content": text} if text or finish is None else {},
                       "logprobs": self._chat_logprobs(c, lo, hi) if logprobs is not None else None,
                       "finish_reason": finish}
-            else:
-                ch = {"index": c.index, "text": text, "finish_reason": finish,
-                      "logprobs": self._completion_logprobs(c, None, hi, 0) if logprobs is not None else None}
-                if ch["logprobs"] is not None:
-                    ch["logprobs"] = {k: v[lo:hi] for k, v in ch["logprobs"].items()}
+            else:  # only the new tokens' logprobs: their offsets continue from the last chunk's
+                lp = self._completion_logprobs(c, None, lo, hi, c.stream_offset) if logprobs is not None else None
+                if lp is not None and lp["tokens"]:
+                    c.stream_offset = lp["text_offset"][-1] + len(lp["tokens"][-1])
+                ch = {"index": c.index, "text": text, "finish_reason": finish, "logprobs": lp}
             return {"id": base, "object": obj, "created": created, "model": self.model_name, "choices": [ch]}
 
         outcome = "ok"
@@ -519,13 +529,10 @@ class Gateway:
                 if c.text != c_text or c.finish is not None:
                     await send(chunk(c, c.text[len(c_text):], c_sent, c.sent_tokens, c.finish))
                 if c.finish is not None:
-                    if c.finish == "stop":
-                        await self.router.cancel(c.rid)
-                    else:
-                        self.router.done(c.rid)
+                    await self._finished(c)
             if s.include_usage:
                 await send({"id": base, "object": obj, "created": created, "model": self.model_name, "choices": [],
-                            "usage": self._usage(prompts, choices, s.n)})
+                            "usage": self._usage(prompts, choices)})
             await resp.write(b"data: [DONE]\n\n")
             self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
             self.metrics.requests.labels(request.path, outcome).inc()

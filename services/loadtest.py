@@ -111,11 +111,12 @@ def in_process_decode_tok_s(model_path: str, prompt_len: int, output_len: int) -
     import torch
 
     from services.engine.decode import DecodeEngine
+    from shared.kv_cache import blocks_for
     from shared.model import load_model
     from shared.sampling import SamplingParams
 
     model = load_model(model_path)
-    engine = DecodeEngine(model, num_blocks=blocks(prompt_len + output_len + 16), block_size=16,
+    engine = DecodeEngine(model, num_blocks=blocks_for(prompt_len + output_len + 16, 16), block_size=16,
                           prefill_threshold=max(prompt_len, 1))
     params = SamplingParams(max_tokens=output_len, ignore_eos=True)
     prompt = [random.Random(0).randrange(3, 250) for _ in range(prompt_len)]
@@ -131,10 +132,6 @@ def in_process_decode_tok_s(model_path: str, prompt_len: int, output_len: int) -
         elapsed = time.perf_counter() - t0
     engine.close()
     return n / elapsed
-
-
-def blocks(tokens: int) -> int:
-    return -(-tokens // 16)
 
 
 def run(url: str, concurrency: int, requests: int, prompt_len: int, long_prompt_len: int, long_fraction: float,

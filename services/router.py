@@ -89,6 +89,7 @@ class Router:
         self.stopper = Stopper()
         self._init_socket()
         self.services: dict[str, _Service] = {}
+        self.names: dict[bytes, str] = {}  # socket identity -> service name
         self.gateways: dict[bytes, float] = {}
         self.requests: dict[str, _Request] = {}
         self.queue: deque[str] = deque()
@@ -124,6 +125,7 @@ class Router:
             if s is not None:  # the same name came back as a new process: the old one is gone
                 self._lost(m.name, "restarted")
             self.services[m.name] = _Service(ident, m, time.monotonic())
+            self.names[ident] = m.name
             self.log.info("service joined", name=m.name, role=m.role, pid=m.pid)
             return
         s.beat, s.last_seen = m, time.monotonic()
@@ -213,8 +215,8 @@ class Router:
         return -(-tokens // b) * b
 
     def _place(self) -> None:
-        running = sum(1 for r in self.requests.values() if r.state != State.QUEUED)
-        while self.queue and running < self.cfg.router.max_running:
+        # A request is either in the queue or placed on services, so the placed ones are the rest.
+        while self.queue and len(self.requests) - len(self.queue) < self.cfg.router.max_running:
             rid = self.queue[0]
             r = self.requests[rid]
             if not r.submit.generate:
@@ -223,23 +225,24 @@ class Router:
                     self._fail(rid, r, 503, "no prefill service is running (prompt scoring needs one)")
                     continue
                 r.state = State.SCORING
-                running += 1
                 continue
             decodes = self._live("decode")
             if not decodes:
                 self.queue.popleft()
                 self._fail(rid, r, 503, "no decode service is running")
                 continue
-            if len(r.prompt) + 1 > max(s.beat.max_context for _, s in decodes):
+            longest = max(s.beat.max_context for _, s in decodes)
+            if len(r.prompt) + 1 > longest:
                 self.queue.popleft()
                 self._fail(rid, r, 400, f"the prompt has {len(r.prompt)} tokens; the longest context a decode "
-                           f"service holds is {max(s.beat.max_context for _, s in decodes)}")
+                           f"service holds is {longest}")
                 continue
-            fits = [(s.beat.total_tokens - s.reserved, n, s) for n, s in decodes
-                    if len(r.prompt) + 1 <= s.beat.max_context and self._need(r, s) <= s.beat.total_tokens - s.reserved]
+            fits = [(s.beat.total_tokens - s.reserved, n, s, need) for n, s in decodes
+                    if len(r.prompt) + 1 <= s.beat.max_context
+                    and (need := self._need(r, s)) <= s.beat.total_tokens - s.reserved]
             if not fits:
                 break  # first come, first served: wait for KV to free up
-            _, name, s = max(fits, key=lambda x: x[0])
+            _, name, s, need = max(fits, key=lambda x: x[0])
             short = len(r.prompt) <= self.cfg.router.short_prompt and r.submit.prompt_logprobs is None
             if not short and not self._live("prefill"):
                 self.queue.popleft()
@@ -248,14 +251,13 @@ class Router:
             self.queue.popleft()
             if r.queued_s is None:
                 r.queued_s = time.monotonic() - r.arrived
-            r.decode, r.need = name, self._need(r, s)
+            r.decode, r.need = name, need
             s.reserved += r.need
             s.rids.add(rid)
             self._send(s.identity, DecodeTask(rid=rid, prompt=r.prompt, params=r.params, prefill_here=short))
             r.state = State.DECODING if short else State.PREFILLING
             if not short:
                 self._start_prefill(rid, r, kv_endpoint=s.beat.kv_endpoint)
-            running += 1
             self.log.debug("placed", rid=rid, decode=name, prefill=r.prefill,
                            queued_s=round(time.monotonic() - r.arrived, 4))
 
@@ -274,27 +276,28 @@ class Router:
         self._send(r.gateway, Reject(rid=rid, status=status, message=message))
         self._release(rid, r, cancel=True)
 
-    def _release(self, rid: str, r: _Request, cancel: bool) -> None:
-        """Forget the request; with ``cancel`` tell the services that hold it to drop it."""
+    def _detach(self, rid: str, r: _Request, cancel: bool) -> None:
+        """Take the request off the live services that hold it (and their KV reservation); with
+        ``cancel`` tell them to drop it."""
         for name in (r.prefill, r.decode):
             s = self.services.get(name or "")
-            if s is None:
+            if s is None or rid not in s.rids:
                 continue
-            if rid in s.rids:
-                s.rids.discard(rid)
-                if name == r.decode:
-                    s.reserved -= r.need
-                if cancel:
-                    self._send(s.identity, Cancel(rid=rid))
+            s.rids.discard(rid)
+            if name == r.decode:
+                s.reserved -= r.need
+            if cancel:
+                self._send(s.identity, Cancel(rid=rid))
+
+    def _release(self, rid: str, r: _Request, cancel: bool) -> None:
+        """Forget the request; with ``cancel`` tell the services that hold it to drop it."""
+        self._detach(rid, r, cancel)
         if rid in self.queue:
             self.queue.remove(rid)
         self.requests.pop(rid, None)
 
     def _name_of(self, ident: bytes) -> str | None:
-        for n, s in self.services.items():
-            if s.identity == ident:
-                return n
-        return None
+        return self.names.get(ident)
 
     # --- failover ---------------------------------------------------------------------------------
 
@@ -312,6 +315,7 @@ class Router:
 
     def _lost(self, name: str, why: str) -> None:
         s = self.services.pop(name)
+        self.names.pop(s.identity, None)
         self.log.warning("service lost", name=name, role=s.beat.role, why=why, requests=len(s.rids))
         rehome = []
         for rid in list(s.rids):
@@ -319,13 +323,7 @@ class Router:
             r = self.requests.get(rid)
             if r is None:
                 continue
-            for other in (r.prefill, r.decode):  # the other side drops its part
-                o = self.services.get(other or "")
-                if o is not None and rid in o.rids:
-                    o.rids.discard(rid)
-                    if other == r.decode:
-                        o.reserved -= r.need
-                    self._send(o.identity, Cancel(rid=rid))
+            self._detach(rid, r, cancel=True)  # the other side (still live) drops its part
             left = r.submit.params.max_tokens - len(r.generated)
             if not r.submit.generate:
                 r.prefill = None

@@ -27,6 +27,8 @@ import urllib.request
 from dataclasses import replace
 from pathlib import Path
 
+import torch
+
 from shared import weight_store
 from shared.config import Config, ConfigError, private_run_dir
 
@@ -83,22 +85,19 @@ class Launcher:
         self.config_file.write_text(self.cfg.to_toml())
         self.children: list[_Child] = []
         self.stopping = False
-
-    def _cpu_prefill(self) -> bool:
-        import torch
-
         device = self.cfg.prefill.device
-        return device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        self.cpu_prefill = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
 
     def _argv(self, role: str, *extra: str) -> list[str]:
         return [sys.executable, "-m", "services.cli", role, "--config", str(self.config_file), *extra]
 
     def _spawn(self, name: str, role: str, *extra: str) -> _Child:
         env = {}
-        if role in ("prefill", "decode") and self._cpu_prefill():
+        if role == "decode" and self.cpu_prefill:
             # Prefill and decode share the cores: OpenMP threads that spin while idle steal them
-            # from the other service. Measured on 2 cores (4 streams beside a 512-token CPU prefill):
-            # decode p90 TPOT 886 ms spinning vs 137 ms sleeping, for 15% on decode alone.
+            # from the other service (prefill's always sleep; services.cli sets that). Measured on
+            # 2 cores (4 streams beside a 512-token CPU prefill): decode p90 TPOT 886 ms spinning vs
+            # 137 ms sleeping, for 15% on decode alone.
             env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
         child = _Child(name, role, self._argv(role, *extra), self.run, env)
         self.children.append(child)

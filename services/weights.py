@@ -34,7 +34,7 @@ def run_weights(cfg: Config) -> int:
     set_title("hm-weights")
     log = logging.setup("weights", cfg.log_format, cfg.log_level)
     stopper = Stopper()
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     bar = None
 
     def progress(done: int, total: int) -> None:
@@ -55,7 +55,7 @@ def run_weights(cfg: Config) -> int:
             bar.close()
     size = sum(s["size"] for s in manifest["segments"])
     log.info("published", model=manifest["model"], segments=len(manifest["segments"]), gib=round(size / 2**30, 3),
-             seconds=round(time.perf_counter() - t0, 2), reused=manifest.get("published", 0) < t0_wall(t0))
+             seconds=round(time.perf_counter() - t0, 2), reused=manifest["published"] < started)
     notify("READY=1")
     try:
         stopper.event.wait()
@@ -68,11 +68,6 @@ def run_weights(cfg: Config) -> int:
             pass
         log.info("stopped", unlinked_segments=n)
     return 0
-
-
-def t0_wall(t0_perf: float) -> float:
-    """The wall-clock time of a perf_counter instant (to tell a reused manifest from a new one)."""
-    return time.time() - (time.perf_counter() - t0_perf)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -118,7 +118,7 @@ class ServiceIO:
                 self.inbox.put(msg)
         for s in (dealer, outbox, kv_in, *pushes.values()):
             if s is not None:
-                s.close(linger=0 if s is not outbox else None)
+                s.close(linger=0)
 
     def close(self) -> None:
         self._stop.set()

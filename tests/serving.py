@@ -18,6 +18,7 @@ import torch
 
 from services.engine.decode import DecodeEngine
 from services.engine.prefill import PrefillEngine
+from shared.config import Config
 from shared.model import load_model
 from shared.sampling import SamplingParams
 
@@ -29,12 +30,11 @@ class Server:
         self.namespace = f"t{uuid.uuid4().hex[:8]}"
         self.run_dir = Path(tempfile.mkdtemp(prefix="hmt-", dir="/tmp"))
         os.rmdir(self.run_dir)  # serve makes it (and removes it: it is not ours to keep)
-        cfg = {"run_dir": str(self.run_dir), "log_format": "json",
-               "model": {"path": str(model_path)}, "weights": {"namespace": self.namespace}}
-        for name, table in sections.items():
-            cfg[name] = {**cfg.get(name, {}), **table}
+        overrides = {"run_dir": str(self.run_dir), "log_format": "json", "model.path": str(model_path),
+                     "weights.namespace": self.namespace}
+        overrides.update({f"{name}.{k}": v for name, table in sections.items() for k, v in table.items()})
         self.config = log_path.with_suffix(".toml")
-        self.config.write_text(_toml(cfg))
+        self.config.write_text(Config.load(None, **overrides).to_toml())
         self.log_path = log_path
         self.log = open(log_path, "a")  # noqa: SIM115 (closed in stop); O_APPEND: children write whole lines
         self.proc = subprocess.Popen([sys.executable, "-m", "services.cli", "serve", "--config", str(self.config),
@@ -101,24 +101,6 @@ class Server:
         if self.run_dir.exists():
             left.append(f"{self.run_dir} ({sorted(os.listdir(self.run_dir))})")
         return left
-
-
-def _toml(cfg: dict) -> str:
-    def value(v):
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, str):
-            return f'"{v}"'
-        if isinstance(v, list):
-            return "[" + ", ".join(value(x) for x in v) + "]"
-        return repr(v)
-
-    lines = [f"{k} = {value(v)}" for k, v in cfg.items() if not isinstance(v, dict)]
-    for k, v in cfg.items():
-        if isinstance(v, dict):
-            lines.append(f"[{k}]")
-            lines += [f"{kk} = {value(vv)}" for kk, vv in v.items()]
-    return "\n".join(lines) + "\n"
 
 
 class Reference:
