@@ -257,9 +257,12 @@ static void hm_init_amx(void) {
 
 /* Whether this call takes the AMX path: then xb must hold hm_build_xb's layout of xp. */
 static inline int hm_amx_applies(const hm_weight *w, int T) {
-    /* Fewest tokens at which AMX wins (measured at DeepSeek-V3 shapes): FP8 from one, INT4 with
-     * groups of 128 from two, with groups of 32 (four C tiles to scale per block) and BF16 from 3. */
-    const int min_t = w->fmt == HM_FP8_B128 ? 1 : w->fmt == HM_INT4 && w->group == 128 ? 2 : 3;
+    /* Fewest tokens at which AMX wins (measured at DeepSeek-V3 shapes): FP8 from one (rows of
+     * 1024 columns and more; on shorter rows the pipeline's fill and drain and the tile
+     * configuration per 16 rows weigh more), INT4 with groups of 128 from two, with groups of 32
+     * (four C tiles to scale per block) and BF16 from three. */
+    const int min_t = w->fmt == HM_FP8_B128 ? (w->cols >= 1024 ? 1 : 3)
+                      : w->fmt == HM_INT4 && w->group == 128 ? 2 : 3;
     return hm_amx_enabled && (w->fmt != HM_INT4 || w->cols % 128 == 0) && T >= min_t
            && T <= HM_AMX_MAX_T && w->cols % 2 == 0 && w->cols >= 64;
 }
@@ -483,9 +486,9 @@ static void hm_build_xb(const uint16_t *xp, int T, int64_t cols, uint32_t *xb, i
  * field e, mantissa m) with 16 added to the exponent field is exactly value * 2^-104, for every
  * byte with e != 0. A 128-byte row chunk with any e == 0 byte (zeros, subnormals: rare in real
  * weights) is decoded by table lookup into the same domain, where subnormals are normal bf16.
- * The tile unit flushes products below 2^-126, so the activations go in scaled by 2^96 (see
- * hm_build_xb) and the C tiles are scaled back by 2^8. */
-#define HM_FP8_AMX_XEXP 96 /* products come out times 2^-8; activations from 2^32 up overflow */
+ * The tile unit flushes products below 2^-126, so the activations go in scaled by 2^64 (see
+ * hm_build_xb) and the C tiles are scaled back by 2^40. */
+#define HM_FP8_AMX_XEXP 64 /* products come out times 2^-40: flushed below 2^-86, activations overflow from 2^64 */
 
 HM_AVX512 static inline __attribute__((always_inline)) __m512i hm_fp8s_fast(__m512i w16) {
     /* w16: words with the e4m3 byte in the high half, low half zero */
@@ -500,7 +503,7 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
     const __m512i sign = _mm512_set1_epi8((char)0x80), expo = _mm512_set1_epi8(0x78), z = _mm512_setzero_si512();
     const int64_t full = w->cols / 64 * 64, nb = (full + 127) / 128, nbi = (w->cols + 127) / 128;
     const float *sc = (const float *)w->scale + (r0 / 128) * nbi;
-    const float back = 0x1p8f; /* 2^104 / 2^96 */
+    const float back = 0x1p40f; /* 2^104 / 2^64 */
     hm_amx_config(T);
     uint16_t a[2][4][16 * 32] __attribute__((aligned(64)));
     float cb[2][16 * 16] __attribute__((aligned(64)));

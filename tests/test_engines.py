@@ -275,3 +275,24 @@ def test_kernel_linear_matches_torch_and_declines_what_it_cannot_take():
     m = Tied(misaligned.copy_(w))
     assert align_for_kernels(m) == 1
     assert m.a.data_ptr() % 64 == 0 and m.a.data_ptr() == m.b.data_ptr() and torch.equal(m.a, w)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T", [1, 3, 16])
+def test_decode_attention_equals_sdpa(dtype, T):
+    """The decode attention (fp32 bmm per kv group) against torch's scaled_dot_product_attention
+    with the suffix-causal mask and GQA, on strided K/V as the cache hands them over."""
+    from shared.layers import decode_attention, suffix_causal_mask
+
+    g = torch.Generator().manual_seed(T)
+    H, K, Dh, L = 8, 2, 32, 40
+    q = torch.randn(T, H, Dh, generator=g).to(dtype)
+    kv = torch.randn(L, 2, K, Dh, generator=g).to(dtype)
+    k, v = kv.permute(1, 2, 0, 3)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.float().transpose(0, 1), k.float(), v.float(), attn_mask=suffix_causal_mask(T, L, q.device),
+        scale=Dh**-0.5, enable_gqa=True).transpose(0, 1).flatten(1)
+    out = decode_attention(q, k, v, Dh**-0.5)
+    assert out.dtype == dtype and out.shape == (T, H * Dh)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    assert torch.allclose(out.float(), ref, atol=tol, rtol=tol)

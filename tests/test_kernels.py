@@ -118,6 +118,8 @@ def amx_switch():
 def test_amx_path_matches_reference(amx_switch, fmt, tokens):
     g = torch.Generator().manual_seed(tokens)
     shapes = [(256, 512), (200, 300), (48, 7 * 64 + 2), (16, 64)]  # ragged rows, a column tail
+    if fmt == "fp8_b128":  # FP8 takes AMX at one or two tokens only on rows of 1024 columns and more
+        shapes += [(64, 1024), (40, 1090)]
     if fmt.startswith("int4"):
         shapes = [(256, 512), (200, 384), (16, 128)]
     for shape in shapes:
@@ -130,7 +132,8 @@ def test_amx_path_matches_reference(amx_switch, fmt, tokens):
         y_avx = api.gemv(x, w, variant="avx512_bf16", threads=2)
         for y in (y_amx, y_avx):
             assert (y - ref).abs().max() / ref.abs().max() < 1e-4, shape
-        takes_amx = tokens >= {"fp8_b128": 1, "int4_g128": 2}.get(fmt, 3)  # (as hm_amx_applies decides)
+        fp8_from = 1 if shape[1] >= 1024 else 3
+        takes_amx = tokens >= {"fp8_b128": fp8_from, "int4_g128": 2}.get(fmt, 3)  # (as hm_amx_applies decides)
         if takes_amx:
             assert not torch.equal(y_amx, y_avx) or shape[0] == 16  # (a different summation order)
 
@@ -141,8 +144,8 @@ def test_amx_fp8_keeps_tiny_and_huge_activations(amx_switch, scale):
     """The FP8 AMX path works in a scaled domain (weights times 2^-104, activations times 2^96):
     products must neither flush to zero nor overflow across the range activations take."""
     g = torch.Generator().manual_seed(3)
-    w = _q(torch.randn(64, 512, generator=g), "fp8_b128")
-    x = torch.randn(2, 512, generator=g) * scale
+    w = _q(torch.randn(64, 1024, generator=g), "fp8_b128")
+    x = torch.randn(2, 1024, generator=g) * scale
     ref = x.bfloat16().float() @ dequantize(w).T
     amx_switch(True)
     y = api.gemv(x, w, variant="avx512_bf16", threads=2)
