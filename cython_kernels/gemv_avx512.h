@@ -225,12 +225,13 @@ HM_AVX512 static void hm_row_bf16(const hm_weight *w, int64_t r, const uint16_t 
 /* ---- AMX ---------------------------------------------------------------------------------------
  * Above a couple of tokens the kernels above become bound by VDPBF16PS (each token is one more
  * dot product per 32 weights), and even at one token FP8's decode and products share two vector
- * ports. AMX's TDPBF16PS multiplies a 16x32 tile of weights by a 32xT tile
- * of activations in one instruction, so the weights' decode, not the products, sets the pace
+ * ports. AMX's TDPBF16PS multiplies a 16x32 tile of weights by a 32xT tile of activations in
+ * one instruction on the tile unit, so the weights' decode, not the products, sets the pace
  * whatever the number of tokens (up to 16 per tile). The weights are the A operand: 16 rows of
- * decoded bf16, exactly as they come out of the decode above, no transposition. The activations
- * are the B operand, in AMX's pair-interleaved layout (hm_build_xb), built once per call and
- * shared by every tile. One C tile per 128-column scale block: stored, scaled and summed. */
+ * decoded bf16, no transposition (each format's kernel below says in which column order). The
+ * activations are the B operand, in AMX's pair-interleaved layout in that same order
+ * (hm_build_xb, hm_build_xb_int4), built once per call and shared by every tile. C tiles hold a
+ * scale block's (or INT4 group's) sums; they are stored, scaled and summed. */
 #include <unistd.h>
 #include <sys/syscall.h>
 #include <cpuid.h>
