@@ -370,7 +370,7 @@ class GQAttention(nn.Module):
         """One sequence: q [T, H, Dh] for its last T tokens, kv [L, kv_width] -> [T, H * Dh]."""
         L = kv.shape[0]
         k, v = kv.view(L, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)  # each [K, L, Dh]
-        if q.shape[0] <= DECODE_ATTENTION_MAX_T:
+        if q.device.type == "cpu" and q.shape[0] <= DECODE_ATTENTION_MAX_T:  # (a GPU's SDPA is fine)
             return decode_attention(q, k, v, self.head_dim**-0.5)
         out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, scale=self.head_dim**-0.5,
                                              attn_mask=suffix_causal_mask(q.shape[0], L, q.device),
