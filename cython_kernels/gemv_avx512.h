@@ -303,18 +303,21 @@ HM_AVX512 static void hm_amx_store(const hm_weight *w, const uint16_t *xp, int T
  * 32 (four per block) or one per block for groups of 128 is scaled row by row. hm_build_xb_int4
  * lays the activations out in the same order. */
 static uint8_t hm_int4_amx_perm[64] __attribute__((aligned(64))); /* chunk byte q <- source byte */
-static uint16_t hm_int4_amx_col[128]; /* AMX position (chunk * 32 + word) -> column in the block */
+static uint8_t hm_int4_amx_xp[128]; /* AMX position (chunk * 32 + word) -> place in xp's block */
 
 static void hm_init_int4_amx(void) {
     for (int q = 0; q < 64; q++) { /* q = lane * 16 + half * 8 + i; bytes 32.. for the second pair */
         int lane = (q >> 4) & 3, half = (q >> 3) & 1, i = q & 7;
         hm_int4_amx_perm[q] = (uint8_t)(16 * half + 8 * (lane & 1) + i);
     }
+    uint8_t xp_pos[128]; /* column in the block -> its place in hm_prepare_x_avx512's INT4 order */
+    for (int p = 0; p < 64; p++)
+        for (int v = 0; v < 2; v++) xp_pos[2 * hm_unpack_src(p) + v] = (uint8_t)(v * 64 + p);
     for (int c = 0; c < 4; c++)
         for (int p = 0; p < 32; p++) {
             int lane = p >> 3, i = p & 7, half = c & 1;
             int byte = 32 * (c >> 1) + 16 * half + 8 * (lane & 1) + i;
-            hm_int4_amx_col[c * 32 + p] = (uint16_t)(2 * byte + (lane >> 1));
+            hm_int4_amx_xp[c * 32 + p] = xp_pos[2 * byte + (lane >> 1)];
         }
 }
 
@@ -410,14 +413,11 @@ HM_AMX static void hm_rows16_int4_amx(const hm_weight *w, const uint16_t *xp, co
 
 /* xp [T][cols] (hm_prepare_x_avx512's INT4 order) -> xb in hm_rows16_int4_amx's order. */
 static void hm_build_xb_int4(const uint16_t *xp, int T, int64_t cols, uint32_t *xb) {
-    int16_t pos[128]; /* column in the block -> its place in xp's order */
-    for (int p = 0; p < 64; p++)
-        for (int v = 0; v < 2; v++) pos[2 * hm_unpack_src(p) + v] = (int16_t)(v * 64 + p);
     for (int t = 0; t < T; t++) {
         const uint16_t *x16 = xp + (int64_t)t * cols;
         for (int64_t c0 = 0; c0 + 128 <= cols; c0 += 128)
             for (int i = 0; i < 64; i++) { /* pair i of the block: AMX positions 2i, 2i + 1 */
-                uint16_t lo = x16[c0 + pos[hm_int4_amx_col[2 * i]]], hi = x16[c0 + pos[hm_int4_amx_col[2 * i + 1]]];
+                uint16_t lo = x16[c0 + hm_int4_amx_xp[2 * i]], hi = x16[c0 + hm_int4_amx_xp[2 * i + 1]];
                 xb[(c0 / 2 + i) * T + t] = (uint32_t)lo | (uint32_t)hi << 16;
             }
     }
