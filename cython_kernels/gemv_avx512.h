@@ -39,12 +39,14 @@ static int hm_avx512_ready = 0;
 
 static void hm_init_amx(void);
 static void hm_init_int4_amx(void);
+static void hm_init_prepare(void);
 
 static void hm_init_avx512(void) {
     if (hm_avx512_ready) return;
     hm_init_generic();
     hm_init_amx();
     hm_init_int4_amx();
+    hm_init_prepare();
     for (int em = 0; em < 128; em++) {
         uint16_t h = em == 0x7f ? 0 : hm_f32_to_bf16(hm_e4m3_to_f32((uint8_t)em)); /* 0x7f is NaN */
         hm_fp8_bf16_lo[em] = (uint8_t)(h & 0xff);
@@ -67,20 +69,63 @@ static inline int hm_unpack_src(int p) { /* p in [0, 64): first 32 from UNPCKL, 
     return lane * 16 + half * 8 + i;
 }
 
-/* x [T][in] fp32 -> xp [T][in] bf16, each full chunk in the order its weights decode to. */
-static void hm_prepare_x_avx512(int fmt, const float *x, int T, int64_t in, uint16_t *xp) {
+/* Word indices for VPERMT2W: even and odd words of a register pair, and hm_unpack_src's order. */
+static uint16_t hm_pw_even[32] __attribute__((aligned(64)));
+static uint16_t hm_pw_odd[32] __attribute__((aligned(64)));
+static uint16_t hm_pw_unpack[2][32] __attribute__((aligned(64)));
+
+static void hm_init_prepare(void) {
+    for (int k = 0; k < 32; k++) {
+        hm_pw_even[k] = (uint16_t)(2 * k);
+        hm_pw_odd[k] = (uint16_t)(2 * k + 1);
+        hm_pw_unpack[0][k] = (uint16_t)hm_unpack_src(k);
+        hm_pw_unpack[1][k] = (uint16_t)hm_unpack_src(32 + k);
+    }
+}
+
+/* 16 fp32 -> dwords holding their bf16 (as hm_f32_to_bf16: nearest even, NaN kept) in the low half. */
+HM_AVX512 static inline __m512i hm_bf16_bits(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                  _mm512_set1_epi32(0x7f800000));
+    return _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+}
+
+/* 32 fp32 -> 32 bf16 words, in order. */
+HM_AVX512 static inline __m512i hm_bf16x32(const float *x, __m512i even) {
+    return _mm512_permutex2var_epi16(hm_bf16_bits(_mm512_loadu_ps(x)), even, hm_bf16_bits(_mm512_loadu_ps(x + 16)));
+}
+
+/* x [T][in] fp32 -> xp [T][in] bf16, each full chunk in the order its weights decode to:
+ * converted 32 at a time, then put in that order by word permutes (VPERMT2W). */
+HM_AVX512 static void hm_prepare_x_avx512(int fmt, const float *x, int T, int64_t in, uint16_t *xp) {
+    const __m512i even = _mm512_load_si512(hm_pw_even), odd = _mm512_load_si512(hm_pw_odd);
+    const __m512i u0 = _mm512_load_si512(hm_pw_unpack[0]), u1 = _mm512_load_si512(hm_pw_unpack[1]);
     for (int t = 0; t < T; t++) {
         const float *xt = x + (int64_t)t * in;
         uint16_t *dt = xp + (int64_t)t * in;
         int64_t c = 0;
         if (fmt == HM_FP8_B128) {
-            for (; c + 64 <= in; c += 64)
-                for (int p = 0; p < 64; p++) dt[c + p] = hm_f32_to_bf16(xt[c + hm_unpack_src(p)]);
-        } else if (fmt == HM_INT4) {
-            for (; c + 128 <= in; c += 128)
-                for (int v = 0; v < 2; v++) /* v = 0: low nibbles (even weights), 1: high (odd) */
-                    for (int p = 0; p < 64; p++)
-                        dt[c + v * 64 + p] = hm_f32_to_bf16(xt[c + 2 * hm_unpack_src(p) + v]);
+            for (; c + 64 <= in; c += 64) {
+                __m512i a = hm_bf16x32(xt + c, even), b = hm_bf16x32(xt + c + 32, even);
+                _mm512_storeu_si512(dt + c, _mm512_permutex2var_epi16(a, u0, b));
+                _mm512_storeu_si512(dt + c + 32, _mm512_permutex2var_epi16(a, u1, b));
+            }
+        } else if (fmt == HM_INT4) { /* per 128: low nibbles (even columns) first, then high (odd) */
+            for (; c + 128 <= in; c += 128) {
+                __m512i n0 = hm_bf16x32(xt + c, even), n1 = hm_bf16x32(xt + c + 32, even);
+                __m512i n2 = hm_bf16x32(xt + c + 64, even), n3 = hm_bf16x32(xt + c + 96, even);
+                __m512i el = _mm512_permutex2var_epi16(n0, even, n1), eh = _mm512_permutex2var_epi16(n2, even, n3);
+                __m512i ol = _mm512_permutex2var_epi16(n0, odd, n1), oh = _mm512_permutex2var_epi16(n2, odd, n3);
+                _mm512_storeu_si512(dt + c, _mm512_permutex2var_epi16(el, u0, eh));
+                _mm512_storeu_si512(dt + c + 32, _mm512_permutex2var_epi16(el, u1, eh));
+                _mm512_storeu_si512(dt + c + 64, _mm512_permutex2var_epi16(ol, u0, oh));
+                _mm512_storeu_si512(dt + c + 96, _mm512_permutex2var_epi16(ol, u1, oh));
+            }
+        } else {
+            for (; c + 32 <= in; c += 32) _mm512_storeu_si512(dt + c, hm_bf16x32(xt + c, even));
         }
         for (; c < in; c++) dt[c] = hm_f32_to_bf16(xt[c]);
     }
@@ -222,6 +267,30 @@ HM_AVX512 static void hm_row_bf16(const hm_weight *w, int64_t r, const uint16_t 
     HM_TOKEN_BLOCKS(hm_row_bf16_nt, HM_TB)
 }
 
+/* r[t] (16 dwords each) -> r[k] = dword k of r[0..15]: a 16 x 16 transpose in 64 shuffles. */
+HM_AVX512 static inline void hm_transpose16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) { /* r[i + k], lane L: dword 4L + k of rows i..i+3 */
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int k = 0; k < 4; k++) {
+        __m512i u0 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0x44), u1 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0x44);
+        __m512i u2 = _mm512_shuffle_i32x4(r[k], r[4 + k], 0xEE), u3 = _mm512_shuffle_i32x4(r[8 + k], r[12 + k], 0xEE);
+        t[k] = _mm512_shuffle_i32x4(u0, u1, 0x88);
+        t[4 + k] = _mm512_shuffle_i32x4(u0, u1, 0xDD);
+        t[8 + k] = _mm512_shuffle_i32x4(u2, u3, 0x88);
+        t[12 + k] = _mm512_shuffle_i32x4(u2, u3, 0xDD);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+
 /* ---- AMX ---------------------------------------------------------------------------------------
  * Above a couple of tokens the kernels above become bound by VDPBF16PS (each token is one more
  * dot product per 32 weights), and even at one token FP8's decode and products share two vector
@@ -262,8 +331,7 @@ static inline int hm_amx_applies(const hm_weight *w, int T) {
      * 1024 columns and more; on shorter rows the pipeline's fill and drain and the tile
      * configuration per 16 rows weigh more), INT4 with groups of 128 from two, with groups of 32
      * (four C tiles to scale per block) and BF16 from three. */
-    const int min_t = w->fmt == HM_FP8_B128 ? (w->cols >= 1024 ? 1 : 3)
-                      : w->fmt == HM_INT4 && w->group == 128 ? 2 : 3;
+    const int min_t = w->fmt == HM_FP8_B128 ? (w->cols >= 1024 ? 1 : 3) : w->fmt == HM_INT4 ? 1 : 3;
     return hm_amx_enabled && (w->fmt != HM_INT4 || w->cols % 128 == 0) && T >= min_t
            && T <= HM_AMX_MAX_T && w->cols % 2 == 0 && w->cols >= 64;
 }
@@ -296,14 +364,35 @@ HM_AVX512 static void hm_amx_store(const hm_weight *w, const uint16_t *xp, int T
     }
 }
 
-/* INT4 rows [r0, r0 + 16) through AMX, pipelined like the FP8 kernel below. Each 64-byte row
- * chunk (128 columns) decodes into four A chunks of 32 columns, each chunk one group of 32:
- * a byte permute puts each group's 16 bytes where the nibble split and the in-lane unpack will
- * gather them (low nibbles in lanes 0-1, high nibbles in lanes 2-3), so one C tile per group of
- * 32 (four per block) or one per block for groups of 128 is scaled row by row. hm_build_xb_int4
- * lays the activations out in the same order. */
+/* INT4 rows [r0, r0 + 16) through AMX, pipelined like the FP8 kernel below.
+ *
+ * Decode: each weight byte is unpacked next to the constant byte 0x43 and one nibble kept, which
+ * makes the bf16 0x430n = 128 + n: with n = q + 8 that is q + 136, exact, in two or three cheap
+ * ops per 32 weights and no table lookup. The tile unit then sums (q + 136) x per group, and
+ * 136 times the group's activation sum (computed once per call, see hm_build_xb_int4) is taken
+ * off before the group's scale multiplies it. The cancellation costs nothing that matters: the
+ * sums are fp32, the activations were rounded to bf16 on the way in.
+ *
+ * Each 64-byte row chunk (128 columns) decodes into four A chunks of 32 columns. Three layouts:
+ *  - groups of 128 (one C tile, T columns): the unpacks straight from the bytes (layout 0);
+ *  - groups of 32, up to 4 tokens (one C tile, 4T columns): layout 0 again, whose A chunks hold
+ *    8 columns of each of the block's four groups (one group per 128-bit lane); B puts each
+ *    group's activations in its own 4 of C's columns (column t * 4 + group), zeros elsewhere, so
+ *    the tile unit, idle at so few tokens, keeps the groups apart;
+ *  - groups of 32, 5-16 tokens (four C tiles, T columns): a byte permute first puts each group's
+ *    16 bytes where the nibble split and the in-lane unpack gather them into one A chunk
+ *    (layout 1: low nibbles in lanes 0-1, high nibbles in lanes 2-3). */
+#define HM_INT4_OFFSET 136.f
+#ifndef HM_INT4_AMX_PREFETCH
+#define HM_INT4_AMX_PREFETCH 192
+#endif
+#define HM_INT4_SCALE_STAGE 64 /* blocks whose scales are staged at a time (8 KB at groups of 32) */
 static uint8_t hm_int4_amx_perm[64] __attribute__((aligned(64))); /* chunk byte q <- source byte */
-static uint8_t hm_int4_amx_xp[128]; /* AMX position (chunk * 32 + word) -> place in xp's block */
+static uint8_t hm_int4_amx_xp[2][128]; /* [layout][AMX position (chunk * 32 + word)] -> place in xp's block */
+/* hm_build_xb_int4's word permutes per layout and A chunk: indices into xp's words 0-63 and
+ * 64-127 of the block, and which of the two each AMX word comes from */
+static uint16_t hm_int4_xb_idx[2][4][2][32] __attribute__((aligned(64)));
+static uint32_t hm_int4_xb_from_b[2][4];
 
 static void hm_init_int4_amx(void) {
     for (int q = 0; q < 64; q++) { /* q = lane * 16 + half * 8 + i; bytes 32.. for the second pair */
@@ -312,94 +401,174 @@ static void hm_init_int4_amx(void) {
     }
     uint8_t xp_pos[128]; /* column in the block -> its place in hm_prepare_x_avx512's INT4 order */
     for (int p = 0; p < 64; p++)
-        for (int v = 0; v < 2; v++) xp_pos[2 * hm_unpack_src(p) + v] = (uint8_t)(v * 64 + p);
+        for (int v = 0; v < 2; v++) {
+            xp_pos[2 * hm_unpack_src(p) + v] = (uint8_t)(v * 64 + p);
+        }
     for (int c = 0; c < 4; c++)
         for (int p = 0; p < 32; p++) {
-            int lane = p >> 3, i = p & 7, half = c & 1;
-            int byte = 32 * (c >> 1) + 16 * half + 8 * (lane & 1) + i;
-            hm_int4_amx_xp[c * 32 + p] = xp_pos[2 * byte + (lane >> 1)];
+            int lane = p >> 3, i = p & 7;
+            int byte0 = 16 * lane + 8 * (c >> 1) + i; /* layout 0: chunk c = nibble c & 1 of unpack c >> 1 */
+            hm_int4_amx_xp[0][c * 32 + p] = xp_pos[2 * byte0 + (c & 1)];
+            int byte1 = 32 * (c >> 1) + 16 * (c & 1) + 8 * (lane & 1) + i;
+            hm_int4_amx_xp[1][c * 32 + p] = xp_pos[2 * byte1 + (lane >> 1)];
+        }
+    for (int l = 0; l < 2; l++)
+        for (int c = 0; c < 4; c++) {
+            hm_int4_xb_from_b[l][c] = 0;
+            for (int p = 0; p < 32; p++) {
+                int src = hm_int4_amx_xp[l][c * 32 + p];
+                hm_int4_xb_idx[l][c][0][p] = (uint16_t)(src & 63);
+                hm_int4_xb_idx[l][c][1][p] = (uint16_t)(src & 63);
+                if (src >= 64) hm_int4_xb_from_b[l][c] |= 1u << p;
+            }
         }
 }
 
-#define HM_INT4_AMX_MUL(D, CT, J)                                                     \
+/* C's columns per token block and the layout (see above) of an INT4 AMX call. */
+static inline int hm_int4_amx_n(const hm_weight *w, int T) { return w->group == 32 && T <= 4 ? 4 * T : T; }
+static inline int hm_int4_amx_grouped(const hm_weight *w, int T) { return w->group == 32 && T > 4; }
+
+/* Words of the activation buffer an AMX call needs (hm_build_xb, hm_build_xb_int4). */
+static inline size_t hm_amx_xb_words(const hm_weight *w, int T) {
+    if (w->fmt != HM_INT4) return (size_t)T * (size_t)(w->cols / 2);
+    /* B tiles, then 136 x the group sums, laid out like C's columns block by block */
+    return (size_t)hm_int4_amx_n(w, T) * (size_t)(w->cols / 2) + (size_t)(w->cols / 128) * 4 * (size_t)T;
+}
+
+#define HM_INT4_AMX_MUL(D, CT, J, N)                                                  \
     do {                                                                              \
         _tile_loadd(1, (D)[0], 64);                                                   \
-        _tile_loadd(3, xb + (J) * 16 * T, T * 4);                                     \
+        _tile_loadd(3, xb + (J) * 16 * (N), (N) * 4);                                 \
         _tile_loadd(2, (D)[1], 64);                                                   \
-        _tile_loadd(4, xb + ((J) + 1) * 16 * T, T * 4);                               \
+        _tile_loadd(4, xb + ((J) + 1) * 16 * (N), (N) * 4);                           \
         _tile_dpbf16ps(CT##0, 1, 3);                                                  \
         _tile_dpbf16ps(CT##1, 2, 4);                                                  \
         _tile_loadd(1, (D)[2], 64);                                                   \
-        _tile_loadd(3, xb + ((J) + 2) * 16 * T, T * 4);                               \
+        _tile_loadd(3, xb + ((J) + 2) * 16 * (N), (N) * 4);                           \
         _tile_loadd(2, (D)[3], 64);                                                   \
-        _tile_loadd(4, xb + ((J) + 3) * 16 * T, T * 4);                               \
+        _tile_loadd(4, xb + ((J) + 3) * 16 * (N), (N) * 4);                           \
         _tile_dpbf16ps(CT##2, 1, 3);                                                  \
         _tile_dpbf16ps(CT##3, 2, 4);                                                  \
     } while (0)
-#define HM_G128_0 0
-#define HM_G128_1 0
-#define HM_G128_2 0
-#define HM_G128_3 0
-#define HM_G32_0 0
-#define HM_G32_1 5
-#define HM_G32_2 6
-#define HM_G32_3 7
+#define HM_C1_0 0
+#define HM_C1_1 0
+#define HM_C1_2 0
+#define HM_C1_3 0
+#define HM_C4_0 0
+#define HM_C4_1 5
+#define HM_C4_2 6
+#define HM_C4_3 7
 
 HM_AMX static void hm_rows16_int4_amx(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
                                       float *y, int64_t ldy, int64_t r0) {
-    const __m512i tlo = _mm512_load_si512(hm_int4_bf16_lo), thi = _mm512_load_si512(hm_int4_bf16_hi);
+    const __m512i c43 = _mm512_set1_epi8(0x43), keep_lo = _mm512_set1_epi16((short)0xFF0F);
+    const __m512i nib16 = _mm512_set1_epi16(0x000F), hi43 = _mm512_set1_epi16(0x4300);
     const __m512i nib = _mm512_set1_epi8(0x0f), perm_a = _mm512_load_si512(hm_int4_amx_perm);
     const __m512i perm_b = _mm512_add_epi8(perm_a, _mm512_set1_epi8(32));
     const __m512i shift = _mm512_inserti64x4(_mm512_setzero_si512(), _mm256_set1_epi16(4), 1); /* lanes 2-3 */
     const int64_t nb = w->cols / 128, groups = w->cols / w->group;
-    const int ng = w->group == 32 ? 4 : 1; /* C tiles per block */
+    const int N = hm_int4_amx_n(w, T), grouped = hm_int4_amx_grouped(w, T), g32 = w->group == 32;
+    const int xw = g32 ? 4 * T : T; /* group-sum floats per block */
+    const float *xs = (const float *)(xb + (size_t)N * (size_t)(w->cols / 2));
     const uint16_t *sc = (const uint16_t *)w->scale + r0 * groups;
-    hm_amx_config(T);
+    hm_amx_config(N);
     uint16_t a[2][4][16 * 32] __attribute__((aligned(64)));
     float cb[2][4][16 * 16] __attribute__((aligned(64)));
+    float sf[64] __attribute__((aligned(64)));
+    uint16_t stage[HM_INT4_SCALE_STAGE * 16 * 4] __attribute__((aligned(64)));
+    const int ng = g32 ? 4 : 1; /* groups per block */
     __m512 tot[16];
     for (int n = 0; n < 16; n++) tot[n] = _mm512_setzero_ps();
-    const __mmask16 tm = (__mmask16)((1u << T) - 1);
+    const __mmask16 nm = (__mmask16)((1u << N) - 1), tm = (__mmask16)((1u << T) - 1);
     for (int64_t k = 0; k <= nb + 1; k++) {
-        if (k < nb) { /* decode block k */
-            uint16_t(*d)[16 * 32] = a[k & 1];
-            for (int n = 0; n < 16; n++) {
-                const uint8_t *row = w->data + (r0 + n) * (w->cols / 2) + k * 64;
-                _mm_prefetch((const char *)(row + HM_AMX_PREFETCH), _MM_HINT_T0);
-                __m512i b = _mm512_loadu_si512(row);
-                __m512i na = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi8(perm_a, b), shift), nib);
-                __m512i nb2 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi8(perm_b, b), shift), nib);
-                __m512i al = _mm512_shuffle_epi8(tlo, na), ah = _mm512_shuffle_epi8(thi, na);
-                __m512i bl = _mm512_shuffle_epi8(tlo, nb2), bh = _mm512_shuffle_epi8(thi, nb2);
-                _mm512_store_si512(d[0] + n * 32, _mm512_unpacklo_epi8(al, ah));
-                _mm512_store_si512(d[1] + n * 32, _mm512_unpackhi_epi8(al, ah));
-                _mm512_store_si512(d[2] + n * 32, _mm512_unpacklo_epi8(bl, bh));
-                _mm512_store_si512(d[3] + n * 32, _mm512_unpackhi_epi8(bl, bh));
-            }
-        }
-        if (k >= 2) { /* scale block k - 2, row by row and group by group */
-            for (int g = 0; g < ng; g++) {
-                const float *c = cb[k & 1][g];
-                const uint16_t *s = sc + (k - 2) * ng + g;
-                for (int n = 0; n < 16; n++)
-                    tot[n] = _mm512_fmadd_ps(_mm512_maskz_load_ps(tm, c + n * 16),
-                                             _mm512_set1_ps(hm_bf16_to_f32(s[n * groups])), tot[n]);
-            }
-        }
-        if (k >= 1 && k <= nb) { /* multiply block k - 1 */
+        if (k >= 1 && k <= nb) { /* multiply block k - 1 (the tile unit works through it while the decode runs) */
             uint16_t(*d)[16 * 32] = a[(k - 1) & 1];
-            float(*c)[16 * 16] = cb[(k - 1) & 1];
             const int64_t j = (k - 1) * 4;
-            if (ng == 1) {
+            if (!grouped) {
                 _tile_zero(0);
-                HM_INT4_AMX_MUL(d, HM_G128_, j);
-                _tile_stored(0, c[0], 64);
+                HM_INT4_AMX_MUL(d, HM_C1_, j, N);
             } else {
                 _tile_zero(0);
                 _tile_zero(5);
                 _tile_zero(6);
                 _tile_zero(7);
-                HM_INT4_AMX_MUL(d, HM_G32_, j);
+                HM_INT4_AMX_MUL(d, HM_C4_, j, N);
+            }
+        }
+        if (k < nb) { /* decode block k */
+            uint16_t(*d)[16 * 32] = a[k & 1];
+            for (int n = 0; n < 16; n++) {
+                const uint8_t *row = w->data + (r0 + n) * (w->cols / 2) + k * 64;
+                _mm_prefetch((const char *)(row + HM_INT4_AMX_PREFETCH), _MM_HINT_T0);
+                __m512i b = _mm512_loadu_si512(row);
+                if (!grouped) {
+                    __m512i u0 = _mm512_unpacklo_epi8(b, c43), u1 = _mm512_unpackhi_epi8(b, c43);
+                    _mm512_store_si512(d[0] + n * 32, _mm512_and_si512(u0, keep_lo));
+                    _mm512_store_si512(d[1] + n * 32, _mm512_ternarylogic_epi32(_mm512_srli_epi16(u0, 4), nib16, hi43, 0xEA));
+                    _mm512_store_si512(d[2] + n * 32, _mm512_and_si512(u1, keep_lo));
+                    _mm512_store_si512(d[3] + n * 32, _mm512_ternarylogic_epi32(_mm512_srli_epi16(u1, 4), nib16, hi43, 0xEA));
+                } else {
+                    __m512i na = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi8(perm_a, b), shift), nib);
+                    __m512i nb2 = _mm512_and_si512(_mm512_srlv_epi16(_mm512_permutexvar_epi8(perm_b, b), shift), nib);
+                    _mm512_store_si512(d[0] + n * 32, _mm512_unpacklo_epi8(na, c43));
+                    _mm512_store_si512(d[1] + n * 32, _mm512_unpackhi_epi8(na, c43));
+                    _mm512_store_si512(d[2] + n * 32, _mm512_unpacklo_epi8(nb2, c43));
+                    _mm512_store_si512(d[3] + n * 32, _mm512_unpackhi_epi8(nb2, c43));
+                }
+            }
+        }
+        if (k >= 2) { /* scale block k - 2: (C - 136 x the group sums) x the rows' group scales */
+            const int64_t kb = k - 2;
+            const float *xk = xs + kb * xw;
+            if (kb % HM_INT4_SCALE_STAGE == 0) { /* the rows' scales of the next blocks, block by block */
+                const int64_t nbk = nb - kb < HM_INT4_SCALE_STAGE ? nb - kb : HM_INT4_SCALE_STAGE;
+                for (int n = 0; n < 16; n++) {
+                    const uint16_t *sn = sc + n * groups + kb * ng;
+                    if (g32)
+                        for (int64_t b = 0; b < nbk; b++) memcpy(stage + (b * 16 + n) * 4, sn + 4 * b, 8);
+                    else
+                        for (int64_t b = 0; b < nbk; b++) stage[b * 16 + n] = sn[b];
+                }
+            }
+            const uint16_t *sk = stage + (kb % HM_INT4_SCALE_STAGE) * 16 * ng;
+            __m512 sv[4]; /* fp32 scales: row n (and group g) in lane n (n * 4 + g) of sv[0..ng) */
+            for (int q = 0; q < ng; q++)
+                sv[q] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_load_si256((const __m256i *)(sk + 16 * q))), 16));
+            if (T == 1) { /* C stored densely: across rows, 16 (or 4 rows x 4 groups) per register */
+                const float *c = cb[k & 1][0];
+                const __m512 xv = g32 ? _mm512_broadcast_f32x4(_mm_loadu_ps(xk)) : _mm512_set1_ps(xk[0]);
+                for (int q = 0; q < ng; q++)
+                    tot[q] = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_load_ps(c + 16 * q), xv), sv[q], tot[q]);
+            } else {
+                for (int q = 0; q < ng; q++) _mm512_store_ps(sf + 16 * q, sv[q]);
+                if (!g32) {
+                    const __m512 xv = _mm512_maskz_loadu_ps(tm, xk);
+                    const float *c = cb[k & 1][0];
+                    for (int n = 0; n < 16; n++)
+                        tot[n] = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_load_ps(tm, c + n * 16), xv),
+                                                 _mm512_set1_ps(sf[n]), tot[n]);
+                } else if (!grouped) { /* column t * 4 + g: group g's scale in every 128-bit lane */
+                    const __m512 xv = _mm512_maskz_loadu_ps(nm, xk);
+                    const float *c = cb[k & 1][0];
+                    for (int n = 0; n < 16; n++)
+                        tot[n] = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_load_ps(nm, c + n * 16), xv),
+                                                 _mm512_broadcast_f32x4(_mm_load_ps(sf + 4 * n)), tot[n]);
+                } else {
+                    for (int g = 0; g < 4; g++) {
+                        const __m512 xv = _mm512_maskz_loadu_ps(tm, xk + g * T);
+                        const float *c = cb[k & 1][g];
+                        for (int n = 0; n < 16; n++)
+                            tot[n] = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_load_ps(tm, c + n * 16), xv),
+                                                     _mm512_set1_ps(sf[4 * n + g]), tot[n]);
+                    }
+                }
+            }
+        }
+        if (k >= 1 && k <= nb) { /* ... and block k - 1's C tiles out, now that the decode ran meanwhile */
+            float(*c)[16 * 16] = cb[(k - 1) & 1];
+            if (!grouped) {
+                _tile_stored(0, c[0], T == 1 ? N * 4 : 64);
+            } else {
                 _tile_stored(0, c[0], 64);
                 _tile_stored(5, c[1], 64);
                 _tile_stored(6, c[2], 64);
@@ -408,18 +577,90 @@ HM_AMX static void hm_rows16_int4_amx(const hm_weight *w, const uint16_t *xp, co
         }
     }
     _tile_release();
+    if (T == 1) { /* no column tail: INT4 AMX rows are whole blocks */
+        float v[64];
+        for (int q = 0; q < (g32 ? 4 : 1); q++) _mm512_storeu_ps(v + 16 * q, tot[q]);
+        for (int n = 0; n < 16; n++)
+            y[r0 + n] = g32 ? v[4 * n] + v[4 * n + 1] + v[4 * n + 2] + v[4 * n + 3] : v[n];
+        return;
+    }
+    if (N != T) /* columns t * 4 + g -> token t */
+        for (int n = 0; n < 16; n++) {
+            float v[16], s[16] = {0};
+            _mm512_storeu_ps(v, tot[n]);
+            for (int t = 0; t < T; t++) s[t] = v[4 * t] + v[4 * t + 1] + v[4 * t + 2] + v[4 * t + 3];
+            tot[n] = _mm512_loadu_ps(s);
+        }
     hm_amx_store(w, xp, T, tot, y, ldy, r0);
 }
 
-/* xp [T][cols] (hm_prepare_x_avx512's INT4 order) -> xb in hm_rows16_int4_amx's order. */
-static void hm_build_xb_int4(const uint16_t *xp, int T, int64_t cols, uint32_t *xb) {
-    for (int t = 0; t < T; t++) {
-        const uint16_t *x16 = xp + (int64_t)t * cols;
-        for (int64_t c0 = 0; c0 + 128 <= cols; c0 += 128)
-            for (int i = 0; i < 64; i++) { /* pair i of the block: AMX positions 2i, 2i + 1 */
-                uint16_t lo = x16[c0 + hm_int4_amx_xp[2 * i]], hi = x16[c0 + hm_int4_amx_xp[2 * i + 1]];
-                xb[(c0 / 2 + i) * T + t] = (uint32_t)lo | (uint32_t)hi << 16;
+/* xp [T][cols] (hm_prepare_x_avx512's INT4 order) -> xb: B tiles in hm_rows16_int4_amx's layout,
+ * then for each 128-column block 136 x each group's activation sum, in C's column order. Each
+ * block's 128 words go into AMX order by word permutes (hm_int4_xb_idx), 16 pairs at a time
+ * stored, or scattered N apart. The sums need no reordering: in xp's order each 128-bit lane of
+ * a 32-word register is 8 columns of one group of 32 (lanes 0-3: groups 0-3 of the block). */
+HM_AVX512 static void hm_build_xb_int4(const uint16_t *xp, int T, int64_t cols, int group, uint32_t *xb) {
+    const hm_weight shape = {HM_INT4, group, 0, cols, NULL, NULL};
+    const int N = hm_int4_amx_n(&shape, T), grouped = hm_int4_amx_grouped(&shape, T);
+    const int xw = group == 32 ? 4 * T : T;
+    float *xs = (float *)(xb + (size_t)N * (size_t)(cols / 2));
+    if (N != T && T > 1) memset(xb, 0, sizeof(uint32_t) * (size_t)N * (size_t)(cols / 2));
+    __m512i ia[4], ib[4];
+    __mmask32 from_b[4];
+    for (int j = 0; j < 4; j++) {
+        ia[j] = _mm512_load_si512(hm_int4_xb_idx[grouped][j][0]);
+        ib[j] = _mm512_load_si512(hm_int4_xb_idx[grouped][j][1]);
+        from_b[j] = hm_int4_xb_from_b[grouped][j];
+    }
+    /* layout 0 with groups of 32: token t's pair of group g goes to column t * 4 + g */
+    const __mmask16 tm = (__mmask16)((1u << T) - 1), spread = (__mmask16)(0x1111 & ((1u << (4 * T)) - 1));
+    for (int64_t c0 = 0; c0 + 128 <= cols; c0 += 128) {
+        __m512i ch[4][16]; /* [A chunk][token]: 16 pairs */
+        for (int t = 0; t < 16; t++) {
+            if (t >= T) {
+                for (int j = 0; j < 4; j++) ch[j][t] = _mm512_setzero_si512();
+                continue;
             }
+            const uint16_t *x16 = xp + (int64_t)t * cols + c0;
+            const __m512i x0 = _mm512_loadu_si512(x16), x1 = _mm512_loadu_si512(x16 + 32);
+            const __m512i x2 = _mm512_loadu_si512(x16 + 64), x3 = _mm512_loadu_si512(x16 + 96);
+            for (int j = 0; j < 4; j++)
+                ch[j][t] = _mm512_mask_blend_epi16(from_b[j], _mm512_permutex2var_epi16(x0, ia[j], x1),
+                                                   _mm512_permutex2var_epi16(x2, ib[j], x3));
+            __m512 lo = _mm512_setzero_ps(), hi = _mm512_setzero_ps();
+            const __m512i xq[4] = {x0, x1, x2, x3};
+            for (int q = 0; q < 4; q++) {
+                lo = _mm512_add_ps(lo, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_castsi512_si256(xq[q])), 16)));
+                hi = _mm512_add_ps(hi, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm512_extracti64x4_epi64(xq[q], 1)), 16)));
+            }
+            float *xk = xs + (c0 / 128) * xw;
+            if (group == 128) {
+                xk[t] = HM_INT4_OFFSET * _mm512_reduce_add_ps(_mm512_add_ps(lo, hi));
+            } else {
+                const float sum[4] = {_mm512_mask_reduce_add_ps(0x00ff, lo), _mm512_mask_reduce_add_ps(0xff00, lo),
+                                      _mm512_mask_reduce_add_ps(0x00ff, hi), _mm512_mask_reduce_add_ps(0xff00, hi)};
+                for (int g = 0; g < 4; g++) xk[grouped ? g * T + t : t * 4 + g] = HM_INT4_OFFSET * sum[g];
+            }
+        }
+        for (int j = 0; j < 4; j++) {
+            uint32_t *dst = xb + (c0 / 2 + 16 * j) * N;
+            if (N == 1) {
+                _mm512_storeu_si512(dst, ch[j][0]);
+                continue;
+            }
+            if (T == 1) { /* pair kk to dword kk * 4 + kk / 4, zeros around it: four registers */
+                for (int q = 0; q < 4; q++)
+                    _mm512_storeu_si512(dst + 16 * q, _mm512_maskz_permutexvar_epi32(
+                        (__mmask16)(0x1111 << q), _mm512_add_epi32(_mm512_set1_epi32(4 * q), _mm512_srli_epi32(
+                        _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), 2)), ch[j][0]));
+                continue;
+            }
+            hm_transpose16(ch[j]);
+            for (int kk = 0; kk < 16; kk++) {
+                if (N == T) _mm512_mask_storeu_epi32(dst + kk * N, tm, ch[j][kk]);
+                else _mm512_mask_storeu_epi32(dst + kk * N + (kk >> 2), spread, _mm512_maskz_expand_epi32(spread, ch[j][kk]));
+            }
+        }
     }
 }
 
@@ -452,26 +693,39 @@ HM_AMX static void hm_rows16_bf16_amx(const hm_weight *w, const uint16_t *xp, co
     hm_amx_store(w, xp, T, tot, y, ldy, r0);
 }
 
-/* bf16 h times 2^e (e > 0): exponent field plus e; zeros and subnormals (which the tile unit
+/* 32 bf16 times 2^e (e > 0): exponent field plus e; zeros and subnormals (which the tile unit
  * reads as zero anyway) stay, and what would overflow becomes infinity, as the product would. */
-static inline uint16_t hm_bf16_ldexp(uint16_t h, int e) {
-    int f = (h >> 7) & 0xff;
-    if (f == 0 || f == 0xff) return h;
-    if (f + e >= 0xff) return (uint16_t)((h & 0x8000) | 0x7f80);
-    return (uint16_t)(h + (e << 7));
+HM_AVX512 static inline __m512i hm_bf16_ldexp32(__m512i h, int e) {
+    const __m512i f = _mm512_and_si512(_mm512_srli_epi16(h, 7), _mm512_set1_epi16(0xff));
+    const __mmask32 keep = _mm512_cmpeq_epi16_mask(f, _mm512_setzero_si512())
+                           | _mm512_cmpeq_epi16_mask(f, _mm512_set1_epi16(0xff));
+    const __mmask32 inf = _mm512_cmpge_epi16_mask(f, _mm512_set1_epi16((short)(0xff - e))) & ~keep;
+    __m512i r = _mm512_mask_add_epi16(h, ~keep, h, _mm512_set1_epi16((short)(e << 7)));
+    return _mm512_mask_mov_epi16(r, inf, _mm512_or_si512(_mm512_and_si512(h, _mm512_set1_epi16((short)0x8000)),
+                                                         _mm512_set1_epi16(0x7f80)));
 }
 
 /* xp [T][cols] bf16 (decode order) -> xb: for each 32-column block j, 16 rows of T dword pairs:
- * xb[(j * 16 + kk) * T + t] = columns (32j + 2kk, 32j + 2kk + 1) of token t, times 2^xexp. */
-static void hm_build_xb(const uint16_t *xp, int T, int64_t cols, uint32_t *xb, int xexp) {
+ * xb[(j * 16 + kk) * T + t] = columns (32j + 2kk, 32j + 2kk + 1) of token t, times 2^xexp.
+ * 16 pairs at a time: stored as they are at one token, through a transpose otherwise. */
+HM_AVX512 static void hm_build_xb(const uint16_t *xp, int T, int64_t cols, uint32_t *xb, int xexp) {
     const int64_t full = cols / 64 * 64;
-    for (int t = 0; t < T; t++) {
-        const uint16_t *x16 = xp + (int64_t)t * cols;
-        for (int64_t i = 0; i < full / 2; i++) {
-            uint16_t lo = x16[2 * i], hi = x16[2 * i + 1];
-            if (xexp) lo = hm_bf16_ldexp(lo, xexp), hi = hm_bf16_ldexp(hi, xexp);
-            xb[i * T + t] = (uint32_t)lo | (uint32_t)hi << 16;
+    const __mmask16 tm = (__mmask16)((1u << T) - 1);
+    if (T == 1) {
+        for (int64_t i = 0; i < full / 2; i += 16) {
+            __m512i v = _mm512_loadu_si512(xp + 2 * i);
+            _mm512_storeu_si512(xb + i, xexp ? hm_bf16_ldexp32(v, xexp) : v);
         }
+        return;
+    }
+    for (int64_t i = 0; i < full / 2; i += 16) {
+        __m512i r[16];
+        for (int t = 0; t < 16; t++) {
+            r[t] = t < T ? _mm512_loadu_si512(xp + (int64_t)t * cols + 2 * i) : _mm512_setzero_si512();
+            if (xexp && t < T) r[t] = hm_bf16_ldexp32(r[t], xexp);
+        }
+        hm_transpose16(r);
+        for (int kk = 0; kk < 16; kk++) _mm512_mask_storeu_epi32(xb + (i + kk) * T, tm, r[kk]);
     }
 }
 

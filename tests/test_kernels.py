@@ -114,7 +114,7 @@ def amx_switch():
 
 @AMX
 @pytest.mark.parametrize("fmt", ["fp8_b128", "dense", "int4_g128", "int4_g32"])
-@pytest.mark.parametrize("tokens", [1, 2, 3, 8, 16])
+@pytest.mark.parametrize("tokens", [1, 2, 3, 4, 5, 8, 16])
 def test_amx_path_matches_reference(amx_switch, fmt, tokens):
     g = torch.Generator().manual_seed(tokens)
     shapes = [(256, 512), (200, 300), (48, 7 * 64 + 2), (16, 64)]  # ragged rows, a column tail
@@ -133,7 +133,7 @@ def test_amx_path_matches_reference(amx_switch, fmt, tokens):
         for y in (y_amx, y_avx):
             assert (y - ref).abs().max() / ref.abs().max() < 1e-4, shape
         fp8_from = 1 if shape[1] >= 1024 else 3
-        takes_amx = tokens >= {"fp8_b128": fp8_from, "int4_g128": 2}.get(fmt, 3)  # (as hm_amx_applies decides)
+        takes_amx = tokens >= {"fp8_b128": fp8_from, "int4_g128": 1, "int4_g32": 1}.get(fmt, 3)  # (as hm_amx_applies)
         if takes_amx:
             assert not torch.equal(y_amx, y_avx) or shape[0] == 16  # (a different summation order)
 
@@ -150,6 +150,22 @@ def test_amx_fp8_keeps_tiny_and_huge_activations(amx_switch, scale):
     amx_switch(True)
     y = api.gemv(x, w, variant="avx512_bf16", threads=2)
     assert torch.isfinite(y).all() and ((y - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+@AMX
+@pytest.mark.parametrize("fmt", ["int4_g128", "int4_g32"])
+@pytest.mark.parametrize("tokens", [1, 4, 9])
+def test_amx_int4_offset_decode_with_biased_activations(amx_switch, fmt, tokens):
+    """The INT4 AMX path multiplies q + 136 and takes 136 x each group's activation sum off:
+    activations far from zero mean (all positive, a large common offset) make that cancellation
+    as hard as it gets, and the result must still match the reference."""
+    g = torch.Generator().manual_seed(tokens)
+    w = _q(torch.randn(64, 1024, generator=g), fmt)
+    for x in (torch.rand(tokens, 1024, generator=g), 100 + torch.randn(tokens, 1024, generator=g)):
+        ref = x.bfloat16().double() @ dequantize(w).double().T
+        amx_switch(True)
+        y = api.gemv(x, w, variant="avx512_bf16", threads=2).double()
+        assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
 
 @AMX
