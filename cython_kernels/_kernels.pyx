@@ -24,6 +24,8 @@ cdef extern from "moe.h" nogil:
     void hm_dequant_fp8(const hm_weight *w, int64_t E, uint16_t *out, int nthreads)
     int hm_amx_available
     int hm_amx_enabled
+    int hm_amx_int8
+    int hm_amx_int8_enabled
 
 hm_init()
 
@@ -41,6 +43,20 @@ def set_amx(bint on):
     """Use AMX for FP8 at 3-16 tokens (when available); tests switch it to cover both paths."""
     global hm_amx_enabled
     hm_amx_enabled = 1 if (on and hm_amx_available) else 0
+
+def amx_int8_available():
+    """Whether the CPU also has AMX-INT8 (the INT4 weights' exact integer path)."""
+    return bool(hm_amx_available and hm_amx_int8)
+
+
+def amx_int8_enabled():
+    return bool(hm_amx_int8_enabled)
+
+
+def set_amx_int8(bint on):
+    """Let INT4 use AMX-INT8 where it applies (when available); off, INT4 AMX stays on bf16."""
+    global hm_amx_int8_enabled
+    hm_amx_int8_enabled = 1 if (on and hm_amx_int8) else 0
 
 VARIANT_CODES = {"generic": 0, "avx512_bf16": 1, "avx512f": 2, "avx2": 3}
 

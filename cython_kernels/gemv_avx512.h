@@ -40,6 +40,9 @@ static int hm_avx512_ready = 0;
 static void hm_init_amx(void);
 static void hm_init_int4_amx(void);
 static void hm_init_prepare(void);
+static void hm_init_amx8(void);
+static int hm_amx_int8 = 0;         /* AMX-INT8 too (with AMX-BF16 usable) */
+static int hm_amx_int8_enabled = 0; /* ... and INT4 may use it (HYBRIDMOE_AMX_INT8=0, set_amx_int8) */
 
 static void hm_init_avx512(void) {
     if (hm_avx512_ready) return;
@@ -47,6 +50,7 @@ static void hm_init_avx512(void) {
     hm_init_amx();
     hm_init_int4_amx();
     hm_init_prepare();
+    hm_init_amx8();
     for (int em = 0; em < 128; em++) {
         uint16_t h = em == 0x7f ? 0 : hm_f32_to_bf16(hm_e4m3_to_f32((uint8_t)em)); /* 0x7f is NaN */
         hm_fp8_bf16_lo[em] = (uint8_t)(h & 0xff);
@@ -321,6 +325,9 @@ static void hm_init_amx(void) {
     /* Linux hands out the 8 KB of tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA). */
     if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return;
     hm_amx_available = 1;
+    hm_amx_int8 = (d >> 25) & 1;
+    const char *env8 = getenv("HYBRIDMOE_AMX_INT8");
+    hm_amx_int8_enabled = hm_amx_int8 && !(env8 && env8[0] == '0');
     const char *env = getenv("HYBRIDMOE_AMX");
     hm_amx_enabled = !(env && env[0] == '0');
 }
@@ -664,6 +671,222 @@ HM_AVX512 static void hm_build_xb_int4(const uint16_t *xp, int T, int64_t cols, 
     }
 }
 
+/* ---- INT4 through AMX-INT8, exact to within the activations' rounding --------------------------
+ * The bf16 path above writes 4 bytes of decoded weights per INT4 byte and reads them back into
+ * tiles; at one token that traffic, not the products, sets its pace. TDPBUSD multiplies unsigned
+ * by signed bytes, so the weights go in as their nibbles n = q + 8 (one AND, or a shift and an
+ * AND, per 64 weights: 2 bytes written per INT4 byte, half the tile multiplies). The activations
+ * go in as 16-bit integers split into two signed bytes: per token and 128-column block,
+ * xi = round(x / 2^e) with 2^e chosen so that |xi| <= 32639, and xi = 256 h + l with h, l in
+ * [-128, 127]. The products are exact in int32; per (row, group, token)
+ *     sum q x = 2^e (256 C_h + C_l - 8 sum xi)
+ * with C_h and C_l two columns of C (B holds h and l side by side). The rounding to xi moves each
+ * activation by at most 2^-16 of its block's largest, far below the bf16 rounding every other
+ * path applies, so the results match the bf16-activation reference as closely as the others.
+ *
+ * C's columns: (piece, group in block, token), piece 0 = h, 1 = l; groups of 32 are 4 per block
+ * and A's 64 bytes per row hold 16 columns of each (a group's 16 bytes), so quad-rows 4g..4g+3 of
+ * B carry group g's activations in group g's columns and zeros elsewhere. Up to 64 columns, in
+ * up to four C tiles of 16; more (groups of 32 beyond 8 tokens) takes the bf16 path. */
+#define HM_AMX8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,amx-tile,amx-int8")))
+#define HM_I8_HALF 32639 /* largest |xi|: h = (xi + 128) >> 8 stays within a signed byte */
+static uint16_t hm_pw_nat[2][32] __attribute__((aligned(64))); /* xp's INT4 order -> natural, per parity */
+
+/* groups per block, and C's columns: (piece, group, token) */
+static inline int hm_i8_groups(int group) { return group == 32 ? 4 : 1; }
+static inline int hm_i8_cols(int group, int T) { return 2 * hm_i8_groups(group) * T; }
+
+static inline int hm_int4_amx8_applies(const hm_weight *w, int T) {
+    return hm_amx_int8_enabled && w->fmt == HM_INT4 && hm_i8_cols(w->group, T) <= 16;
+}
+
+/* Words of the AMX-INT8 activation buffer: per block the two B tiles (one per A chunk, 16 x NC
+ * dwords), then per block NC column weights and NC column offsets (floats). */
+static inline size_t hm_amx8_xb_words(const hm_weight *w, int T) {
+    return (size_t)(w->cols / 128) * (size_t)hm_i8_cols(w->group, T) * 34;
+}
+
+static void hm_init_amx8(void) {
+    for (int p = 0; p < 64; p++) { /* natural position p of a parity's 64 columns -> xp's place */
+        for (int q = 0; q < 64; q++)
+            if (hm_unpack_src(q) == p) hm_pw_nat[p >> 5][p & 31] = (uint16_t)q;
+    }
+}
+
+/* xp [T][cols] (hm_prepare_x_avx512's INT4 order) -> hm_rows16_int4_amx8's B tiles and column
+ * weights and offsets. */
+HM_AVX512 static void hm_build_xb_int4_i8(const uint16_t *xp, int T, int64_t cols, int group, uint32_t *xb) {
+    const int G = hm_i8_groups(group), NC = hm_i8_cols(group, T);
+    const int64_t nb = cols / 128;
+    float *W = (float *)(xb + nb * 32 * NC), *O = W + nb * NC;
+    memset(xb, 0, sizeof(uint32_t) * hm_amx8_xb_words(&(hm_weight){HM_INT4, group, 0, cols, NULL, NULL}, T));
+    const __m512i nat0 = _mm512_load_si512(hm_pw_nat[0]), nat1 = _mm512_load_si512(hm_pw_nat[1]);
+    for (int t = 0; t < T; t++)
+        for (int64_t k = 0; k < nb; k++) {
+            const uint16_t *x16 = xp + (int64_t)t * cols + k * 128;
+            __m512 f[2][4]; /* [parity = A chunk][16 positions] as fp32, natural order */
+            __m512 amax = _mm512_setzero_ps();
+            for (int c = 0; c < 2; c++) {
+                __m512i a = _mm512_loadu_si512(x16 + 64 * c), b = _mm512_loadu_si512(x16 + 64 * c + 32);
+                __m512i n[2] = {_mm512_permutex2var_epi16(a, nat0, b), _mm512_permutex2var_epi16(a, nat1, b)};
+                for (int q = 0; q < 4; q++) {
+                    __m256i h = q & 1 ? _mm512_extracti64x4_epi64(n[q >> 1], 1) : _mm512_castsi512_si256(n[q >> 1]);
+                    f[c][q] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+                    amax = _mm512_max_ps(amax, _mm512_abs_ps(f[c][q]));
+                }
+            }
+            const float m = _mm512_reduce_max_ps(amax);
+            int e = 0;
+            if (m > 0.f) {
+                frexpf(m, &e);
+                e -= 15; /* m / 2^e < 2^15 */
+                if (ldexpf(m, -e) > (float)HM_I8_HALF) e++;
+            }
+            const __m512 ne = _mm512_set1_ps((float)-e);
+            uint8_t hb[2][64], lb[2][64];
+            float gsum[4] = {0.f, 0.f, 0.f, 0.f};
+            for (int c = 0; c < 2; c++)
+                for (int q = 0; q < 4; q++) {
+                    __m512i xi = _mm512_cvtps_epi32(_mm512_scalef_ps(f[c][q], ne)); /* exact scaling, nearest */
+                    __m512i h = _mm512_srai_epi32(_mm512_add_epi32(xi, _mm512_set1_epi32(128)), 8);
+                    __m512i l = _mm512_sub_epi32(xi, _mm512_slli_epi32(h, 8));
+                    _mm_storeu_si128((__m128i *)(hb[c] + 16 * q), _mm512_cvtepi32_epi8(h));
+                    _mm_storeu_si128((__m128i *)(lb[c] + 16 * q), _mm512_cvtepi32_epi8(l));
+                    gsum[G == 4 ? q : 0] += (float)_mm512_reduce_add_epi32(xi); /* positions 16q.. = group q */
+                }
+            const float sx = ldexpf(1.f, e);
+            uint32_t *bk = xb + k * 32 * NC;
+            for (int piece = 0; piece < 2; piece++)
+                for (int g = 0; g < G; g++) {
+                    const int col = (piece * G + g) * T + t;
+                    W[k * NC + col] = piece == 0 ? 256.f * sx : sx;
+                    O[k * NC + col] = piece == 0 ? 8.f * gsum[g] * sx : 0.f;
+                    for (int c = 0; c < 2; c++) { /* quad-row kk: positions 4kk..4kk+3 (group kk / 4) */
+                        const uint8_t *src = piece == 0 ? hb[c] : lb[c];
+                        for (int kk = (G == 4 ? 4 * g : 0); kk < (G == 4 ? 4 * g + 4 : 16); kk++)
+                            memcpy(bk + (c * 16 + kk) * NC + col, src + 4 * kk, 4);
+                    }
+                }
+        }
+}
+
+#define HM_I8_MUL(CT)                                                                    \
+    do {                                                                                 \
+        _tile_zero(CT);                                                                  \
+        _tile_loadd(3, bk, NC * 4);                                                      \
+        _tile_loadd(4, bk + 16 * NC, NC * 4);                                            \
+        _tile_dpbusd(CT, 1, 3);                                                          \
+        _tile_dpbusd(CT, 2, 4);                                                          \
+    } while (0)
+
+/* INT4 rows [r0, r0 + 16) through AMX-INT8 (see above), pipelined like the others: block k - 1
+ * is multiplied first, block k - 2's C scaled, then block k decoded while the tile unit works,
+ * then block k - 1's C stored (in one of two C tiles by turns, so that block k's products need
+ * not wait for that store). */
+HM_AMX8 static void hm_rows16_int4_amx8(const hm_weight *w, const uint32_t *xb, int T, float *y, int64_t ldy,
+                                        int64_t r0) {
+    const int G = hm_i8_groups(w->group), NC = hm_i8_cols(w->group, T);
+    const int64_t nb = w->cols / 128, groups = w->cols / w->group;
+    const float *W = (const float *)(xb + nb * 32 * NC), *O = W + nb * NC;
+    const uint16_t *sc = (const uint16_t *)w->scale + r0 * groups;
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    const __mmask16 cm = (__mmask16)((1u << NC) - 1);
+    const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    /* Scale lanes. Several tokens: C row n's column -> its group, in a vector of row n's group
+     * scales. One token, C stored densely as [row][column], 16 / NC rows per register: groups of
+     * 128 (NC = 2), register q holds rows 8q + l / 2; groups of 32 (NC = 8), register q holds
+     * rows 2q + l / 8 (group l % 4), whose scales are in sf's register q / 2 at lanes
+     * 8 (q % 2) + 4 (l / 8) + l % 4. */
+    int gl[16];
+    for (int l = 0; l < 16; l++) gl[l] = (l / T) % G;
+    const __m512i gsel = _mm512_loadu_si512(gl);
+    __m512i srow[2];
+    for (int h = 0; h < 2; h++)
+        srow[h] = NC == 2 ? _mm512_add_epi32(_mm512_srli_epi32(lane, 1), _mm512_set1_epi32(8 * h))
+                          : _mm512_add_epi32(_mm512_add_epi32(_mm512_and_si512(lane, _mm512_set1_epi32(3)),
+                                                              _mm512_set1_epi32(8 * h)),
+                                             _mm512_slli_epi32(_mm512_srli_epi32(lane, 3), 2));
+    hm_amx_config(NC);
+    uint8_t a[2][2][16 * 64] __attribute__((aligned(64)));
+    int32_t cb[2][16 * 16] __attribute__((aligned(64)));
+    uint16_t stage[HM_INT4_SCALE_STAGE * 16 * 4] __attribute__((aligned(64)));
+    float sf[64] __attribute__((aligned(64)));
+    __m512 acc[16];
+    for (int n = 0; n < 16; n++) acc[n] = _mm512_setzero_ps();
+    for (int64_t k = 0; k <= nb + 1; k++) {
+        if (k >= 1 && k <= nb) { /* multiply block k - 1 */
+            const uint32_t *bk = xb + (k - 1) * 32 * NC;
+            _tile_loadd(1, a[(k - 1) & 1][0], 64);
+            _tile_loadd(2, a[(k - 1) & 1][1], 64);
+            if (k & 1) HM_I8_MUL(5);
+            else HM_I8_MUL(0);
+        }
+        if (k >= 2) { /* scale block k - 2 */
+            const int64_t kb = k - 2;
+            if (kb % HM_INT4_SCALE_STAGE == 0) { /* the rows' scales of the next blocks, block by block */
+                const int64_t nbk = nb - kb < HM_INT4_SCALE_STAGE ? nb - kb : HM_INT4_SCALE_STAGE;
+                for (int n = 0; n < 16; n++) {
+                    const uint16_t *sn = sc + n * groups + kb * G;
+                    if (G == 4)
+                        for (int64_t b = 0; b < nbk; b++) memcpy(stage + (b * 16 + n) * 4, sn + 4 * b, 8);
+                    else
+                        for (int64_t b = 0; b < nbk; b++) stage[b * 16 + n] = sn[b];
+                }
+            }
+            const uint16_t *sk = stage + (kb % HM_INT4_SCALE_STAGE) * 16 * G;
+            for (int q = 0; q < G; q++) /* fp32 scales, [row] or [row][group] */
+                _mm512_store_ps(sf + 16 * q, _mm512_castsi512_ps(_mm512_slli_epi32(
+                    _mm512_cvtepu16_epi32(_mm256_load_si256((const __m256i *)(sk + 16 * q))), 16)));
+            const __m512 wv = _mm512_maskz_loadu_ps(cm, W + kb * NC), ov = _mm512_maskz_loadu_ps(cm, O + kb * NC);
+            const int32_t *c = cb[k & 1];
+            if (T == 1) {
+                const __m512 wr = NC == 2 ? _mm512_permutexvar_ps(_mm512_and_si512(lane, _mm512_set1_epi32(1)), wv)
+                                          : _mm512_shuffle_f32x4(wv, wv, 0x44);
+                const __m512 orr = NC == 2 ? _mm512_permutexvar_ps(_mm512_and_si512(lane, _mm512_set1_epi32(1)), ov)
+                                           : _mm512_shuffle_f32x4(ov, ov, 0x44);
+                for (int q = 0; q < NC; q++) {
+                    const __m512 sv = _mm512_permutexvar_ps(srow[q & 1], _mm512_load_ps(sf + (NC == 2 ? 0 : 16 * (q >> 1))));
+                    const __m512 v = _mm512_cvtepi32_ps(_mm512_load_epi32(c + 16 * q));
+                    acc[q] = _mm512_fmadd_ps(_mm512_fmsub_ps(v, wr, orr), sv, acc[q]);
+                }
+            } else {
+                for (int n = 0; n < 16; n++) {
+                    const __m512 sv = G == 1 ? _mm512_set1_ps(sf[n])
+                                             : _mm512_permutexvar_ps(gsel, _mm512_castps128_ps512(_mm_load_ps(sf + 4 * n)));
+                    const __m512 v = _mm512_cvtepi32_ps(_mm512_maskz_load_epi32(cm, c + n * 16));
+                    acc[n] = _mm512_fmadd_ps(_mm512_fmsub_ps(v, wv, ov), sv, acc[n]);
+                }
+            }
+        }
+        if (k < nb) { /* decode block k: low nibbles (even columns) and high nibbles (odd) */
+            for (int n = 0; n < 16; n++) {
+                const uint8_t *row = w->data + (r0 + n) * (w->cols / 2) + k * 64;
+                _mm_prefetch((const char *)(row + HM_INT4_AMX_PREFETCH), _MM_HINT_T0);
+                __m512i b = _mm512_loadu_si512(row);
+                _mm512_store_si512(a[k & 1][0] + n * 64, _mm512_and_si512(b, nib));
+                _mm512_store_si512(a[k & 1][1] + n * 64, _mm512_and_si512(_mm512_srli_epi16(b, 4), nib));
+            }
+        }
+        if (k >= 1 && k <= nb) { /* block k - 1's C out: one token densely, [row][column] */
+            const int ld = T == 1 ? NC * 4 : 64;
+            if (k & 1) _tile_stored(5, cb[(k - 1) & 1], ld);
+            else _tile_stored(0, cb[(k - 1) & 1], ld);
+        }
+    }
+    _tile_release();
+    float v[16 * 16];
+    if (T == 1)
+        for (int q = 0; q < NC; q++) _mm512_storeu_ps(v + 16 * q, acc[q]);
+    else
+        for (int n = 0; n < 16; n++) _mm512_storeu_ps(v + 16 * n, acc[n]);
+    for (int n = 0; n < 16; n++)
+        for (int t = 0; t < T; t++) {
+            float sum = 0.f;
+            for (int pg = 0; pg < 2 * G; pg++) sum += T == 1 ? v[n * NC + pg] : v[16 * n + pg * T + t];
+            y[t * ldy + r0 + n] = sum;
+        }
+}
+
 /* BF16 rows [r0, r0 + 16): the A tiles load straight from the weight rows, nothing to decode. */
 HM_AMX static void hm_rows16_bf16_amx(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
                                       float *y, int64_t ldy, int64_t r0) {
@@ -824,6 +1047,7 @@ static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, const ui
     if (xb && hm_amx_applies(w, T))
         for (; r0 + 16 <= r1; r0 += 16) {
             if (w->fmt == HM_FP8_B128) hm_rows16_fp8_amx(w, xp, xb, T, y, ldy, r0);
+            else if (w->fmt == HM_INT4 && hm_int4_amx8_applies(w, T)) hm_rows16_int4_amx8(w, xb, T, y, ldy, r0);
             else if (w->fmt == HM_INT4) hm_rows16_int4_amx(w, xp, xb, T, y, ldy, r0);
             else hm_rows16_bf16_amx(w, xp, xb, T, y, ldy, r0);
         }

@@ -106,10 +106,11 @@ AMX = pytest.mark.skipif(not _kernels.amx_available(), reason="this CPU (or OS) 
 
 @pytest.fixture
 def amx_switch():
-    """Run with AMX on, then off; leaves it as it was."""
-    was = _kernels.amx_enabled()
+    """Run with AMX on, then off; leaves it (and AMX-INT8 for INT4) as it was."""
+    was, was8 = _kernels.amx_enabled(), _kernels.amx_int8_enabled()
     yield _kernels.set_amx
     _kernels.set_amx(was)
+    _kernels.set_amx_int8(was8)
 
 
 @AMX
@@ -128,9 +129,12 @@ def test_amx_path_matches_reference(amx_switch, fmt, tokens):
         ref = x.bfloat16().float() @ dequantize(w).T
         amx_switch(True)
         y_amx = api.gemv(x, w, variant="avx512_bf16", threads=2)
+        _kernels.set_amx_int8(False)  # INT4's bf16 AMX path too, where AMX-INT8 would take it
+        y_amx16 = api.gemv(x, w, variant="avx512_bf16", threads=2)
+        _kernels.set_amx_int8(True)
         amx_switch(False)
         y_avx = api.gemv(x, w, variant="avx512_bf16", threads=2)
-        for y in (y_amx, y_avx):
+        for y in (y_amx, y_amx16, y_avx):
             assert (y - ref).abs().max() / ref.abs().max() < 1e-4, shape
         fp8_from = 1 if shape[1] >= 1024 else 3
         takes_amx = tokens >= {"fp8_b128": fp8_from, "int4_g128": 1, "int4_g32": 1}.get(fmt, 3)  # (as hm_amx_applies)
@@ -154,16 +158,22 @@ def test_amx_fp8_keeps_tiny_and_huge_activations(amx_switch, scale):
 
 @AMX
 @pytest.mark.parametrize("fmt", ["int4_g128", "int4_g32"])
-@pytest.mark.parametrize("tokens", [1, 4, 9])
-def test_amx_int4_offset_decode_with_biased_activations(amx_switch, fmt, tokens):
-    """The INT4 AMX path multiplies q + 136 and takes 136 x each group's activation sum off:
-    activations far from zero mean (all positive, a large common offset) make that cancellation
-    as hard as it gets, and the result must still match the reference."""
+@pytest.mark.parametrize("tokens", [1, 2, 4, 9])
+@pytest.mark.parametrize("int8", [False, True])
+def test_amx_int4_offsets_with_biased_activations(amx_switch, fmt, tokens, int8):
+    """Both INT4 AMX paths take an offset off per group: the bf16 path multiplies q + 136, the
+    AMX-INT8 path n = q + 8 with activations split into two bytes. Activations far from zero mean
+    (all positive, a large common offset, a spread of magnitudes within a block) make those
+    cancellations and the 16-bit rounding as hard as they get."""
+    if int8 and not _kernels.amx_int8_available():
+        pytest.skip("this CPU has no AMX-INT8")
     g = torch.Generator().manual_seed(tokens)
     w = _q(torch.randn(64, 1024, generator=g), fmt)
-    for x in (torch.rand(tokens, 1024, generator=g), 100 + torch.randn(tokens, 1024, generator=g)):
+    spread = torch.randn(tokens, 1024, generator=g) * torch.logspace(-6, 2, 1024)[torch.randperm(1024, generator=g)]
+    for x in (torch.rand(tokens, 1024, generator=g), 100 + torch.randn(tokens, 1024, generator=g), spread):
         ref = x.bfloat16().double() @ dequantize(w).double().T
         amx_switch(True)
+        _kernels.set_amx_int8(int8)
         y = api.gemv(x, w, variant="avx512_bf16", threads=2).double()
         assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-4
 
@@ -190,9 +200,10 @@ def test_amx_fp8_shift_and_table_decodes(amx_switch):
 
 
 @AMX
-@pytest.mark.parametrize("tokens", [17, 40])
-def test_moe_forward_amx_matches_reference(amx_switch, tokens):
-    gate, up, down = _experts("fp8_b128", I=96, seed=tokens)
+@pytest.mark.parametrize("tokens", [1, 17, 40])
+@pytest.mark.parametrize("fmt", ["fp8_b128", "int4_g128", "int4_g32"])
+def test_moe_forward_amx_matches_reference(amx_switch, tokens, fmt):
+    gate, up, down = _experts(fmt, I=96 if fmt == "fp8_b128" else 128, seed=tokens)
     g = torch.Generator().manual_seed(tokens)
     x = torch.randn(tokens, 256, generator=g)
     ids = torch.stack([torch.randperm(6, generator=g)[:3] for _ in range(tokens)])
