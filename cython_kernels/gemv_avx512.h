@@ -336,8 +336,8 @@ static void hm_init_amx(void) {
 static inline int hm_amx_applies(const hm_weight *w, int T) {
     /* Fewest tokens at which AMX wins (measured at DeepSeek-V3 shapes): FP8 from one (rows of
      * 1024 columns and more; on shorter rows the pipeline's fill and drain and the tile
-     * configuration per 16 rows weigh more), INT4 with groups of 128 from two, with groups of 32
-     * (four C tiles to scale per block) and BF16 from three. */
+     * configuration per 16 rows weigh more), INT4 from one (AMX-INT8 where it applies, see
+     * hm_int4_amx8_applies, else bf16), BF16 from three. */
     const int min_t = w->fmt == HM_FP8_B128 ? (w->cols >= 1024 ? 1 : 3) : w->fmt == HM_INT4 ? 1 : 3;
     return hm_amx_enabled && (w->fmt != HM_INT4 || w->cols % 128 == 0) && T >= min_t
            && T <= HM_AMX_MAX_T && w->cols % 2 == 0 && w->cols >= 64;
