@@ -40,7 +40,7 @@ def amx_enabled():
 
 
 def set_amx(bint on):
-    """Use AMX for FP8 at 3-16 tokens (when available); tests switch it to cover both paths."""
+    """Use AMX for 1-16 tokens where it applies (when available); tests switch it to cover both paths."""
     global hm_amx_enabled
     hm_amx_enabled = 1 if (on and hm_amx_available) else 0
 

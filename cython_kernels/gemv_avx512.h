@@ -683,6 +683,7 @@ HM_AVX512 static void hm_build_xb_int4(const uint16_t *xp, int T, int64_t cols, 
  * with C_h and C_l two columns of C (B holds h and l side by side). The rounding to xi moves each
  * activation by at most 2^-16 of its block's largest, far below the bf16 rounding every other
  * path applies, so the results match the bf16-activation reference as closely as the others.
+ * (A block whose largest activation is below 2^-134 has 2^e underflow and comes out as zero.)
  *
  * C's columns: (piece, group in block, token), piece 0 = h, 1 = l; groups of 32 are 4 per block
  * and A's 64 bytes per row hold 16 columns of each (a group's 16 bytes), so quad-rows 4g..4g+3 of
