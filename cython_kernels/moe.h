@@ -41,11 +41,8 @@ static void hm_prepare_x(int variant, int fmt, const float *x, int T, int64_t in
 static uint32_t *hm_amx_xb(int variant, const hm_weight *w, const void *xp, int T) {
 #if defined(__x86_64__)
     if (variant != HM_AVX512_BF16 || !hm_amx_applies(w, T)) return NULL;
-    const int i8 = hm_int4_amx8_applies(w, T);
-    uint32_t *xb = malloc(sizeof(uint32_t) * (i8 ? hm_amx8_xb_words(w, T) : hm_amx_xb_words(w, T)));
-    if (xb && i8) hm_build_xb_int4_i8((const uint16_t *)xp, T, w->cols, w->group, xb);
-    else if (xb && w->fmt == HM_INT4) hm_build_xb_int4((const uint16_t *)xp, T, w->cols, w->group, xb);
-    else if (xb) hm_build_xb((const uint16_t *)xp, T, w->cols, xb, w->fmt == HM_FP8_B128 ? HM_FP8_AMX_XEXP : 0);
+    uint32_t *xb = malloc(sizeof(uint32_t) * hm_amx_xb_words(w, T));
+    if (xb) hm_build_amx_xb(w, (const uint16_t *)xp, T, xb);
     return xb;
 #else
     (void)variant, (void)w, (void)xp, (void)T;

@@ -1,0 +1,255 @@
+/* AMX kernels (included by gemv_avx512.h, whose AVX-512 helpers they use): the common tile
+ * set-up, BF16 and FP8 here, INT4 in gemv_amx_int4.h, and the activation layouts they read. */
+#ifndef HYBRIDMOE_GEMV_AMX_H
+#define HYBRIDMOE_GEMV_AMX_H
+
+/* ---- AMX ---------------------------------------------------------------------------------------
+ * Above a couple of tokens the kernels above become bound by VDPBF16PS (each token is one more
+ * dot product per 32 weights), and even at one token FP8's decode and products share two vector
+ * ports. AMX's TDPBF16PS multiplies a 16x32 tile of weights by a 32xT tile of activations in
+ * one instruction on the tile unit, so the weights' decode, not the products, sets the pace
+ * whatever the number of tokens (up to 16 per tile). The weights are the A operand: 16 rows of
+ * decoded bf16, no transposition (each format's kernel below says in which column order). The
+ * activations are the B operand, in AMX's pair-interleaved layout in that same order
+ * (hm_build_xb, hm_build_xb_int4), built once per call and shared by every tile. C tiles hold a
+ * scale block's (or INT4 group's) sums; they are stored, scaled and summed. */
+#include <unistd.h>
+#include <sys/syscall.h>
+#include <cpuid.h>
+
+#define HM_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,amx-tile,amx-bf16")))
+#define HM_AMX_MAX_T 16 /* tokens per tile */
+#define HM_AMX_PREFETCH 256 /* bytes ahead in each of a tile's 16 rows: 16 streams, so keep it short */
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} hm_tilecfg;
+
+static void hm_init_amx(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 22)) || !(d & (1u << 24))) return;
+    /* Linux hands out the 8 KB of tile state only on request (ARCH_REQ_XCOMP_PERM, XTILEDATA). */
+    if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return;
+    hm_amx_available = 1;
+    hm_amx_int8 = (d >> 25) & 1;
+    const char *env8 = getenv("HYBRIDMOE_AMX_INT8");
+    hm_amx_int8_enabled = hm_amx_int8 && !(env8 && env8[0] == '0');
+    const char *env = getenv("HYBRIDMOE_AMX");
+    hm_amx_enabled = !(env && env[0] == '0');
+}
+
+/* Whether this call takes the AMX path: then xb must hold hm_build_xb's layout of xp. */
+static inline int hm_amx_applies(const hm_weight *w, int T) {
+    /* Fewest tokens at which AMX wins (measured at DeepSeek-V3 shapes): FP8 from one (rows of
+     * 1024 columns and more; on shorter rows the pipeline's fill and drain and the tile
+     * configuration per 16 rows weigh more), INT4 from one (AMX-INT8 where it applies, see
+     * hm_int4_amx8_applies, else bf16), BF16 from three. */
+    const int min_t = w->fmt == HM_FP8_B128 ? (w->cols >= 1024 ? 1 : 3) : w->fmt == HM_INT4 ? 1 : 3;
+    return hm_amx_enabled && (w->fmt != HM_INT4 || w->cols % 128 == 0) && T >= min_t
+           && T <= HM_AMX_MAX_T && w->cols % 2 == 0 && w->cols >= 64;
+}
+
+HM_AMX static void hm_amx_config(int T) {
+    hm_tilecfg cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    cfg.rows[0] = 16, cfg.colsb[0] = (uint16_t)(T * 4);                        /* C: 16 rows x T fp32 */
+    cfg.rows[1] = cfg.rows[2] = 16, cfg.colsb[1] = cfg.colsb[2] = 64;         /* A: 16 rows x 32 bf16 */
+    cfg.rows[3] = cfg.rows[4] = 16, cfg.colsb[3] = cfg.colsb[4] = (uint16_t)(T * 4); /* B: 16 x T pairs */
+    for (int i = 5; i < 8; i++) cfg.rows[i] = 16, cfg.colsb[i] = (uint16_t)(T * 4);     /* more C tiles */
+    /* GCC does not see LDTILECFG read the struct and drops the stores above without this barrier
+     * (the instruction then faults on a half-written configuration). */
+    __asm__ volatile("" : : "r"(&cfg) : "memory");
+    _tile_loadconfig(&cfg);
+}
+
+/* C tile (16 rows x T, through cb) plus each row's scalar tail -> y. */
+HM_AVX512 static void hm_amx_store(const hm_weight *w, const uint16_t *xp, int T, const __m512 *tot, float *y,
+                                   int64_t ldy, int64_t r0) {
+    const int64_t full = w->cols / 64 * 64;
+    for (int n = 0; n < 16; n++) {
+        float v[16];
+        _mm512_storeu_ps(v, tot[n]);
+        for (int t = 0; t < T; t++) {
+            float tail = full < w->cols ? hm_tail(w, r0 + n, full, xp + (int64_t)t * w->cols) : 0.f;
+            y[t * ldy + r0 + n] = v[t] + tail;
+        }
+    }
+}
+
+#include "gemv_amx_int4.h"
+
+/* BF16 rows [r0, r0 + 16): the A tiles load straight from the weight rows, nothing to decode. */
+HM_AMX static void hm_rows16_bf16_amx(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
+                                      float *y, int64_t ldy, int64_t r0) {
+    const int64_t full = w->cols / 64 * 64, stride = w->cols * 2;
+    const uint16_t *rows = (const uint16_t *)w->data + r0 * w->cols;
+    float cb[16 * 16] __attribute__((aligned(64)));
+    hm_amx_config(T);
+    _tile_zero(0);
+    for (int64_t c = 0; c < full; c += 64) {
+        for (int n = 0; n < 16; n++) {
+            const char *p = (const char *)(rows + n * w->cols + c) + HM_AMX_PREFETCH;
+            _mm_prefetch(p, _MM_HINT_T0);
+            _mm_prefetch(p + 64, _MM_HINT_T0);
+        }
+        _tile_loadd(1, rows + c, stride);
+        _tile_loadd(2, rows + c + 32, stride);
+        _tile_loadd(3, xb + (c / 32) * 16 * T, T * 4);
+        _tile_loadd(4, xb + (c / 32 + 1) * 16 * T, T * 4);
+        _tile_dpbf16ps(0, 1, 3);
+        _tile_dpbf16ps(0, 2, 4);
+    }
+    _tile_stored(0, cb, 64);
+    _tile_release();
+    const __mmask16 tm = (__mmask16)((1u << T) - 1);
+    __m512 tot[16];
+    for (int n = 0; n < 16; n++) tot[n] = _mm512_maskz_load_ps(tm, cb + n * 16);
+    hm_amx_store(w, xp, T, tot, y, ldy, r0);
+}
+
+/* 32 bf16 times 2^e (e > 0): exponent field plus e; zeros and subnormals (which the tile unit
+ * reads as zero anyway) stay, and what would overflow becomes infinity, as the product would. */
+HM_AVX512 static inline __m512i hm_bf16_ldexp32(__m512i h, int e) {
+    const __m512i f = _mm512_and_si512(_mm512_srli_epi16(h, 7), _mm512_set1_epi16(0xff));
+    const __mmask32 keep = _mm512_cmpeq_epi16_mask(f, _mm512_setzero_si512())
+                           | _mm512_cmpeq_epi16_mask(f, _mm512_set1_epi16(0xff));
+    const __mmask32 inf = _mm512_cmpge_epi16_mask(f, _mm512_set1_epi16((short)(0xff - e))) & ~keep;
+    __m512i r = _mm512_mask_add_epi16(h, ~keep, h, _mm512_set1_epi16((short)(e << 7)));
+    return _mm512_mask_mov_epi16(r, inf, _mm512_or_si512(_mm512_and_si512(h, _mm512_set1_epi16((short)0x8000)),
+                                                         _mm512_set1_epi16(0x7f80)));
+}
+
+/* xp [T][cols] bf16 (decode order) -> xb: for each 32-column block j, 16 rows of T dword pairs:
+ * xb[(j * 16 + kk) * T + t] = columns (32j + 2kk, 32j + 2kk + 1) of token t, times 2^xexp.
+ * 16 pairs at a time: stored as they are at one token, through a transpose otherwise. */
+HM_AVX512 static void hm_build_xb(const uint16_t *xp, int T, int64_t cols, uint32_t *xb, int xexp) {
+    const int64_t full = cols / 64 * 64;
+    const __mmask16 tm = (__mmask16)((1u << T) - 1);
+    if (T == 1) {
+        for (int64_t i = 0; i < full / 2; i += 16) {
+            __m512i v = _mm512_loadu_si512(xp + 2 * i);
+            _mm512_storeu_si512(xb + i, xexp ? hm_bf16_ldexp32(v, xexp) : v);
+        }
+        return;
+    }
+    for (int64_t i = 0; i < full / 2; i += 16) {
+        __m512i r[16];
+        for (int t = 0; t < 16; t++) {
+            r[t] = t < T ? _mm512_loadu_si512(xp + (int64_t)t * cols + 2 * i) : _mm512_setzero_si512();
+            if (xexp && t < T) r[t] = hm_bf16_ldexp32(r[t], xexp);
+        }
+        hm_transpose16(r);
+        for (int kk = 0; kk < 16; kk++) _mm512_mask_storeu_epi32(xb + (i + kk) * T, tm, r[kk]);
+    }
+}
+
+/* FP8 rows [r0, r0 + 16) for 1-16 tokens through AMX, software-pipelined per 128-column scale
+ * block: block k is decoded into one half of a double buffer while the tiles multiply block
+ * k - 1 from the other half (a tile load must wait for the stores it reads to leave the store
+ * buffer, so loading what was just stored would stall every block), and block k - 2's C tile is
+ * scaled into the row sums. At one token this beats the AVX-512 kernel too: its decode is three
+ * cheap ops per 32 weights (see hm_fp8s_*) and the products run on the tile unit, not on the
+ * vector ports the decode needs.
+ *
+ * The fast decode works in a scaled domain: e4m3 magnitude bits shifted into a bf16 (exponent
+ * field e, mantissa m) with 16 added to the exponent field is exactly value * 2^-104, for every
+ * byte with e != 0. A 128-byte row chunk with any e == 0 byte (zeros, subnormals: rare in real
+ * weights) is decoded by table lookup into the same domain, where subnormals are normal bf16.
+ * The tile unit flushes products below 2^-126, so the activations go in scaled by 2^64 (see
+ * hm_build_xb) and the C tiles are scaled back by 2^40. */
+#define HM_FP8_AMX_XEXP 64 /* products come out times 2^-40: flushed below 2^-86, activations overflow from 2^64 */
+
+HM_AVX512 static inline __attribute__((always_inline)) __m512i hm_fp8s_fast(__m512i w16) {
+    /* w16: words with the e4m3 byte in the high half, low half zero */
+    return _mm512_ternarylogic_epi32(_mm512_srai_epi16(w16, 4), _mm512_set1_epi16((short)0x87FF),
+                                     _mm512_set1_epi16(0x0800), 0xEA); /* (a & b) | c */
+}
+
+HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
+                                     float *y, int64_t ldy, int64_t r0) {
+    const __m512i lo_a = _mm512_load_si512(hm_fp8s_bf16_lo), lo_b = _mm512_load_si512(hm_fp8s_bf16_lo + 64);
+    const __m512i hi_a = _mm512_load_si512(hm_fp8s_bf16_hi), hi_b = _mm512_load_si512(hm_fp8s_bf16_hi + 64);
+    const __m512i sign = _mm512_set1_epi8((char)0x80), expo = _mm512_set1_epi8(0x78), z = _mm512_setzero_si512();
+    const int64_t full = w->cols / 64 * 64, nb = (full + 127) / 128, nbi = (w->cols + 127) / 128;
+    const float *sc = (const float *)w->scale + (r0 / 128) * nbi;
+    const float back = 0x1p40f; /* 2^104 / 2^64 */
+    hm_amx_config(T);
+    uint16_t a[2][4][16 * 32] __attribute__((aligned(64)));
+    float cb[2][16 * 16] __attribute__((aligned(64)));
+    __m512 tot[16];
+    for (int n = 0; n < 16; n++) tot[n] = _mm512_setzero_ps();
+    const __mmask16 tm = (__mmask16)((1u << T) - 1);
+    for (int64_t k = 0; k <= nb + 1; k++) {
+        if (k < nb) { /* decode block k */
+            const int64_t c0 = k * 128;
+            const int halves = c0 + 128 <= full ? 2 : 1;
+            uint16_t(*d)[16 * 32] = a[k & 1];
+            for (int n = 0; n < 16; n++) {
+                const uint8_t *row = w->data + (r0 + n) * w->cols + c0;
+                _mm_prefetch((const char *)(row + HM_AMX_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(row + 64 + HM_AMX_PREFETCH), _MM_HINT_T0);
+                for (int h = 0; h < halves; h++) {
+                    __m512i b = _mm512_loadu_si512(row + 64 * h);
+                    if (__builtin_expect(!_mm512_testn_epi8_mask(b, expo), 1)) {
+                        _mm512_store_si512(d[2 * h] + n * 32, hm_fp8s_fast(_mm512_unpacklo_epi8(z, b)));
+                        _mm512_store_si512(d[2 * h + 1] + n * 32, hm_fp8s_fast(_mm512_unpackhi_epi8(z, b)));
+                    } else {
+                        __m512i lo = _mm512_permutex2var_epi8(lo_a, b, lo_b);
+                        __m512i hi = _mm512_ternarylogic_epi32(sign, b, _mm512_permutex2var_epi8(hi_a, b, hi_b), 0xCA);
+                        _mm512_store_si512(d[2 * h] + n * 32, _mm512_unpacklo_epi8(lo, hi));
+                        _mm512_store_si512(d[2 * h + 1] + n * 32, _mm512_unpackhi_epi8(lo, hi));
+                    }
+                }
+            }
+        }
+        if (k >= 2) { /* scale block k - 2 */
+            const __m512 s = _mm512_set1_ps(sc[k - 2] * back);
+            const float *c = cb[k & 1];
+            for (int n = 0; n < 16; n++) tot[n] = _mm512_fmadd_ps(_mm512_maskz_load_ps(tm, c + n * 16), s, tot[n]);
+        }
+        if (k >= 1 && k <= nb) { /* multiply block k - 1 */
+            uint16_t(*d)[16 * 32] = a[(k - 1) & 1];
+            const int64_t j = (k - 1) * 4; /* first 32-column chunk */
+            const int chunks = (k - 1) * 128 + 128 <= full ? 4 : 2;
+            _tile_zero(0);
+            _tile_loadd(1, d[0], 64);
+            _tile_loadd(3, xb + j * 16 * T, T * 4);
+            _tile_loadd(2, d[1], 64);
+            _tile_loadd(4, xb + (j + 1) * 16 * T, T * 4);
+            _tile_dpbf16ps(0, 1, 3);
+            _tile_dpbf16ps(0, 2, 4);
+            if (chunks == 4) {
+                _tile_loadd(1, d[2], 64);
+                _tile_loadd(3, xb + (j + 2) * 16 * T, T * 4);
+                _tile_loadd(2, d[3], 64);
+                _tile_loadd(4, xb + (j + 3) * 16 * T, T * 4);
+                _tile_dpbf16ps(0, 1, 3);
+                _tile_dpbf16ps(0, 2, 4);
+            }
+            _tile_stored(0, cb[(k - 1) & 1], 64);
+        }
+    }
+    _tile_release();
+    hm_amx_store(w, xp, T, tot, y, ldy, r0);
+}
+
+/* Words of the activation buffer an AMX call needs. */
+static inline size_t hm_amx_xb_words(const hm_weight *w, int T) {
+    if (w->fmt != HM_INT4) return (size_t)T * (size_t)(w->cols / 2);
+    if (hm_int4_amx8_applies(w, T)) return hm_amx8_xb_words(w->cols, w->group, T);
+    /* B tiles, then 136 x the group sums, laid out like C's columns block by block */
+    return (size_t)hm_int4_amx_n(w, T) * (size_t)(w->cols / 2) + (size_t)(w->cols / 128) * 4 * (size_t)T;
+}
+
+/* xp (hm_prepare_x_avx512's order) -> xb (hm_amx_xb_words(w, T) words) in the layout that
+ * hm_gemv_rows_avx512's AMX kernel for w and T reads. */
+static void hm_build_amx_xb(const hm_weight *w, const uint16_t *xp, int T, uint32_t *xb) {
+    if (w->fmt == HM_INT4 && hm_int4_amx8_applies(w, T)) hm_build_xb_int4_i8(xp, T, w->cols, w->group, xb);
+    else if (w->fmt == HM_INT4) hm_build_xb_int4(xp, T, w->cols, w->group, xb);
+    else hm_build_xb(xp, T, w->cols, xb, w->fmt == HM_FP8_B128 ? HM_FP8_AMX_XEXP : 0);
+}
+
+#endif
