@@ -63,12 +63,12 @@ class DecodeService:
     def _init_engine(self) -> None:
         t0 = time.perf_counter()
         self.weights = weight_store.attach(self.cfg.manifest, wait_s=60)
-        model = self.weights.build(self.cfg.decode.device)
+        model = self.weights.build("cpu")  # the engine moves all but the routed experts to decode.device
         d = self.cfg.decode
         self.engine = DecodeEngine(
             model, num_blocks=d.num_blocks, block_size=d.block_size, max_batch=d.max_batch,
             max_context=d.max_context or None, prefill_threshold=max(self.cfg.router.short_prompt, 1),
-            experts=d.experts, overlap=d.overlap, threads=self.threads,
+            experts=d.experts, overlap=d.overlap, threads=self.threads, device=d.device,
             eos_token_id=_eos_token_id(self.weights.manifest["model"]))
         self.states: dict[str, State] = {}
         self.pending: dict[str, _Pending] = {}

@@ -210,7 +210,7 @@ class ShardWriter:
         nbytes = tensor.numel() * tensor.element_size()
         if self._pending and self._pending_bytes + nbytes > self.max_shard_bytes:
             self._flush()
-        self._pending[name] = tensor.contiguous()
+        self._pending[name] = tensor.cpu().contiguous()  # made on a GPU (make-model --device): to host
         self._pending_bytes += nbytes
         self.total_bytes += nbytes
 

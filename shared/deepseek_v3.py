@@ -26,6 +26,7 @@ from shared.layers import (
     linear,
     rope_parameters,
     suffix_causal_mask,
+    suffix_causal_sdpa,
     yarn_mscale,
 )
 
@@ -250,13 +251,12 @@ class MLAttention(nn.Module):
         H, L = a.num_attention_heads, kv.shape[0]
         latent, k_rope = kv.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
-        mask = suffix_causal_mask(q.shape[0], L, q.device)
         if not absorbed:
             kvb = F.linear(latent, self.kv_b_proj).view(L, H, -1).transpose(0, 1)  # [H, L, N + V]
             k_nope, v = kvb.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
             k = torch.cat((k_nope, k_rope.expand(H, L, -1)), dim=-1)
-            out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, attn_mask=mask, scale=self.scale)
-            return out.transpose(0, 1).flatten(1)
+            return suffix_causal_sdpa(q.transpose(0, 1), k, v, self.scale).transpose(0, 1).flatten(1)
+        mask = suffix_causal_mask(q.shape[0], L, q.device)
         w = self.kv_b_proj.view(H, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
         w_uk, w_uv = w.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
         q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)

@@ -134,6 +134,25 @@ def suffix_causal_mask(T: int, L: int, device: torch.device) -> torch.Tensor | N
     return torch.ones(T, L, dtype=torch.bool, device=device).tril(L - T)
 
 
+def suffix_causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    """scaled_dot_product_attention of q [H, T, Dq] (the last T of L positions) over k [H or K, L,
+    Dq] and v [H or K, L, Dv], each query seeing every earlier position and itself.
+
+    On a GPU through torch's lower-right causal bias, so that the fused kernels run without a
+    [T, L] mask or score matrix (a 16K-token chunk's scores at DeepSeek-V3's 128 heads would be
+    tens of GB), with grouped K/V repeated to the query heads for them; elsewhere with the explicit
+    mask."""
+    T, L = q.shape[-2], k.shape[-2]
+    if q.device.type == "cuda" and T > 1:
+        from torch.nn.attention.bias import causal_lower_right
+
+        if k.shape[0] != q.shape[0]:
+            k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, L), scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=suffix_causal_mask(T, L, q.device), scale=scale,
+                                          enable_gqa=k.shape[0] != q.shape[0])
+
+
 DECODE_ATTENTION_MAX_T = 16
 
 
@@ -372,10 +391,7 @@ class GQAttention(nn.Module):
         k, v = kv.view(L, 2, self.kv_heads, self.head_dim).permute(1, 2, 0, 3)  # each [K, L, Dh]
         if q.device.type == "cpu" and q.shape[0] <= DECODE_ATTENTION_MAX_T:  # (a GPU's SDPA is fine)
             return decode_attention(q, k, v, self.head_dim**-0.5)
-        out = F.scaled_dot_product_attention(q.transpose(0, 1), k, v, scale=self.head_dim**-0.5,
-                                             attn_mask=suffix_causal_mask(q.shape[0], L, q.device),
-                                             enable_gqa=self.kv_heads != self.heads)
-        return out.transpose(0, 1).flatten(1)
+        return suffix_causal_sdpa(q.transpose(0, 1), k, v, self.head_dim**-0.5).transpose(0, 1).flatten(1)
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         return linear(o, self.o_proj)

@@ -9,7 +9,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from services.engine.decode import DecodeEngine
+from services.engine.experts import place_except_experts
 from services.engine.prefill import PrefillEngine
+from shared.layers import MoE
 from shared.model import load_model
 from shared.sampling import SamplingParams
 
@@ -80,6 +82,55 @@ def test_kernel_decode_matches_reference(tiny_models, preset, quant, overlap):
         ref = m(torch.tensor([seq]))[0]
         for j, e in enumerate(out[str(i)]):
             want = ref[len(p) - 1 + j]
+            assert (e.logits - want).abs().max() / want.abs().max() < 2e-2
+
+
+def test_hybrid_placement_moves_all_but_the_routed_experts(tiny_models):
+    """decode.device on a GPU: every weight but the routed experts moves (here to the meta device,
+    which any machine has), the experts stay in host memory, and a tied weight stays one tensor."""
+    m = load_model(tiny_models["tiny-deepseek-v3", "fp8"])
+    m._buffers["lm_head"] = m.embed  # tie them
+    experts = {id(t) for layer in m.layers if isinstance(layer.ffn, MoE) for t in layer.ffn.experts.buffers()}
+    place_except_experts(m, "meta")
+    for name, buf in m.named_buffers(remove_duplicate=False):
+        routed = ".experts." in name and ".shared_experts." not in name
+        assert buf.device.type == ("cpu" if routed else "meta"), name
+        assert (id(buf) in experts) == routed, name
+    assert m.lm_head is m.embed and len(experts) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no CUDA device is visible")
+def test_decode_on_cuda_without_a_gpu_is_refused_clearly(tiny_models):
+    with pytest.raises(ValueError, match="no CUDA device is visible"):
+        DecodeEngine(_model(tiny_models, "tiny-mixtral"), num_blocks=8, experts="kernel", device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.parametrize("overlap", [False, True])
+def test_gpu_attention_with_cpu_kernel_experts(tiny_models, preset, overlap):
+    """decode.device = cuda: attention, dense parts and the paged cache on the GPU, the routed
+    experts in host memory through the CPU kernels; a prefilled request (KV made on the CPU) and
+    short prompts together, teacher-forced against the CPU reference forward."""
+    ref = _model(tiny_models, preset)
+    m = _model(tiny_models, preset)
+    eng = DecodeEngine(m, num_blocks=64, block_size=4, experts="kernel", overlap=overlap, keep_logits=True,
+                       device="cuda")
+    assert m.embed.is_cuda and eng.cache.layers[0].is_cuda
+    assert all(not t.is_cuda for layer in m.layers if isinstance(layer.ffn, MoE) for t in layer.ffn.experts.buffers())
+    prompts = [_prompt(ref, n, n) for n in (4, 9, 6)]
+    pre = PrefillEngine(ref, chunk_size=4).prefill(prompts[1])
+    for i, p in enumerate(prompts):
+        kw = {"kv": pre.kv, "first": pre.choice} if i == 1 else {}
+        eng.add(str(i), p, SamplingParams(max_tokens=5), **kw)
+    out = eng.run_all()
+    eng.close()
+    for i, p in enumerate(prompts):
+        gen = ([pre.choice.token] if i == 1 else []) + [e.token for e in out[str(i)]]
+        logits = ref(torch.tensor([p + gen]))[0]
+        first = len(p) if i == 1 else len(p) - 1  # the row that predicted the first event's token
+        for j, e in enumerate(out[str(i)]):
+            want = logits[first + j]
             assert (e.logits - want).abs().max() / want.abs().max() < 2e-2
 
 
@@ -296,3 +347,23 @@ def test_decode_attention_equals_sdpa(dtype, T):
     assert out.dtype == dtype and out.shape == (T, H * Dh)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     assert torch.allclose(out.float(), ref, atol=tol, rtol=tol)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("heads,kv_heads,dq,dv", [(8, 8, 48, 32), (8, 2, 32, 32)])
+@pytest.mark.parametrize("T,L", [(5, 5), (7, 19), (1, 9)])
+def test_suffix_causal_sdpa_equals_the_masked_reference(device, heads, kv_heads, dq, dv, T, L):
+    """The prefill attention (lower-right causal bias on a GPU, the explicit mask elsewhere; MLA's
+    wider q/k than v, grouped K/V) against softmax(q k^T) v with the mask written out, in fp64."""
+    from shared.layers import suffix_causal_sdpa
+
+    g = torch.Generator().manual_seed(T * L + heads)
+    q = torch.randn(heads, T, dq, generator=g)
+    k = torch.randn(kv_heads, L, dq, generator=g)
+    v = torch.randn(kv_heads, L, dv, generator=g)
+    kk, vv = (t.double().repeat_interleave(heads // kv_heads, dim=0) for t in (k, v))
+    s = q.double() @ kk.transpose(1, 2) * dq**-0.5
+    allowed = torch.ones(T, L, dtype=torch.bool).tril(L - T)
+    ref = s.masked_fill(~allowed, float("-inf")).softmax(-1) @ vv
+    out = suffix_causal_sdpa(q.to(device), k.to(device), v.to(device), dq**-0.5)
+    assert out.shape == (heads, T, dv) and (out.cpu().double() - ref).abs().max() < 1e-4

@@ -7,10 +7,11 @@ prefills itself as part of its next step.
 
 Admission reserves the blocks a request can ever need (prompt + max_tokens, up to the context
 length), so a running request never runs out of cache and nothing is preempted; requests wait in
-order while the cache is full. Per layer, attention and the dense parts run on the model's device
-and the routed experts on the CPU kernels (whole-layer call); with ``overlap`` the batch is split
-in two and one half's experts run on the kernel pool while the other half's attention runs. MLA
-attention uses the absorbed form over the cached latents.
+order while the cache is full. Per layer, attention and the dense parts run on ``device`` (the CPU,
+or a GPU: the hybrid placement) and the routed experts on the CPU kernels (whole-layer call) in
+host memory; with ``overlap`` the batch is split in two and one half's experts run on the kernel
+pool while the other half's attention runs. MLA attention uses the absorbed form over the cached
+latents; the KV cache lives on ``device``.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cython_kernels import api
-from services.engine.experts import KernelExperts, kernel_unsupported_reason
+from services.engine.experts import KernelExperts, kernel_unsupported_reason, place_except_experts
 from services.engine.runner import ModelRunner, Segment, TorchExperts
 from shared.kv_cache import PagedKVCache, SequenceKV, blocks_for
 from shared.layers import CausalLM
@@ -57,30 +58,42 @@ class DecodeEngine:
     def __init__(self, model: CausalLM, *, num_blocks: int = 1024, block_size: int = 16, max_batch: int = 64,
                  max_context: int | None = None, prefill_threshold: int = 512, experts: str = "auto",
                  overlap: bool = False, threads: int | None = None, eos_token_id: int | None = None,
-                 keep_logits: bool = False) -> None:
+                 keep_logits: bool = False, device: str | torch.device | None = None) -> None:
         """``experts``: "kernel" (the CPU kernels), "torch" (the pure-torch reference on the
-        model's device) or "auto" (the kernels when they can run this model's experts)."""
-        self.model = model
+        model's device) or "auto" (the kernels when they can run this model's experts).
+
+        ``device``: where attention, the dense parts and the KV cache run (default: where the
+        model is). With the kernels the routed experts stay in host memory and everything else
+        moves there; with "torch" experts the whole model moves. The model is the engine's."""
         self.block_size, self.max_batch = block_size, max_batch
         self.max_context = max_context or num_blocks * block_size
         if self.max_context > num_blocks * block_size:
             raise ValueError(f"max_context {self.max_context} exceeds the cache ({num_blocks} blocks of {block_size})")
+        reason = kernel_unsupported_reason(model)
+        if experts == "auto":
+            experts = "torch" if reason else "kernel"
+        if experts not in ("kernel", "torch"):
+            raise ValueError(f"experts must be 'kernel', 'torch' or 'auto', got {experts!r}")
+        if experts == "kernel" and reason:
+            raise ValueError(f"the CPU kernels cannot run this model: {reason}")
+        if device is not None:
+            device = torch.device(device)
+            if device.type == "cuda" and not torch.cuda.is_available():
+                raise ValueError(f"the decode device is {device}, but no CUDA device is visible")
+            if experts == "kernel":
+                place_except_experts(model, device)
+            else:
+                model.to(device)
+        self.model = model
         self.prefill_threshold = prefill_threshold
         self.eos_token_id, self.keep_logits, self.overlap = eos_token_id, keep_logits, overlap
         widths = [layer.attn.kv_width for layer in model.layers]
         self.cache = PagedKVCache(widths, num_blocks, block_size, model.dtype, model.device)
-        reason = kernel_unsupported_reason(model)
-        if experts == "auto":
-            experts = "torch" if reason else "kernel"
         if experts == "kernel":
-            if reason:
-                raise ValueError(f"the CPU kernels cannot run this model: {reason}")
             self.pool = api.MoEPool(threads) if overlap else None
             backend = KernelExperts(threads=threads, pool=self.pool)
-        elif experts == "torch":
-            self.pool, backend = None, TorchExperts()
         else:
-            raise ValueError(f"experts must be 'kernel', 'torch' or 'auto', got {experts!r}")
+            self.pool, backend = None, TorchExperts()
         self.experts = experts
         self.runner = ModelRunner(model, backend, absorbed_mla=True, cpu_lm_head=experts == "kernel")
         self.waiting: deque[_Request] = deque()

@@ -1,5 +1,6 @@
 """Expert backends for the model runner: the CPU kernels (whole-layer MoE call, optionally on a
-background pool so that attention overlaps it), and a check of which backend a model can use."""
+background pool so that attention overlaps it), a check of which backend a model can use, and the
+hybrid placement (attention and dense parts on a GPU, routed experts left in host memory)."""
 
 from __future__ import annotations
 
@@ -26,9 +27,33 @@ def kernel_unsupported_reason(model: CausalLM) -> str | None:
     return None
 
 
+def place_except_experts(model: CausalLM, device: str | torch.device) -> CausalLM:
+    """Move every weight but the routed experts to ``device``: embeddings, attention, norms,
+    routers, shared experts, dense layers and the LM head. The routed experts stay where they are
+    (host memory, where the CPU kernels read them). Tied weights stay one tensor. In place."""
+    device = torch.device(device)
+    moved: dict[tuple, torch.Tensor] = {}
+    for mod in model.modules():
+        if isinstance(mod, RoutedExperts):
+            continue
+        if mod._parameters:
+            raise TypeError(f"{type(mod).__name__} holds parameters; the model keeps its weights as buffers")
+        for name, buf in mod._buffers.items():
+            if buf is None or buf.device == device:
+                continue
+            key = (buf.device, buf.data_ptr(), buf.dtype, tuple(buf.shape), buf.stride())
+            if key not in moved:
+                moved[key] = buf.to(device)
+            mod._buffers[name] = moved[key]
+    return model
+
+
 class KernelExperts:
     """Routed experts through ``cython_kernels``: one whole-layer call per 64 tokens. With a
-    ``pool`` the calls run on its background thread (no GIL held) and ``start`` returns at once."""
+    ``pool`` the calls run on its background thread (no GIL held) and ``start`` returns at once.
+
+    Hidden states on a GPU (attention there, experts in host memory) are copied to the CPU for
+    the call and the output back to the GPU in ``finish``: a few KB per token each way."""
 
     def __init__(self, threads: int | None = None, pool: api.MoEPool | None = None, variant: str | None = None):
         self.threads, self.pool, self.variant = threads, pool, variant
@@ -36,6 +61,9 @@ class KernelExperts:
     def start(self, layer: int, experts: RoutedExperts, x: torch.Tensor, ids: torch.Tensor,
               weights: torch.Tensor) -> list:
         g, u, d = experts.weight("gate"), experts.weight("up"), experts.weight("down")
+        home = x.device
+        if home.type != "cpu":
+            x, ids, weights = x.to("cpu"), ids.to("cpu"), weights.to("cpu")
         parts = []
         for t0 in range(0, x.shape[0], api.MAX_TOKENS):
             sl = slice(t0, t0 + api.MAX_TOKENS)
@@ -44,7 +72,8 @@ class KernelExperts:
                 parts.append(self.pool.submit(xs, ids_s, w_s, g, u, d, variant=self.variant))
             else:
                 parts.append(api.moe_forward(xs, ids_s, w_s, g, u, d, variant=self.variant, threads=self.threads))
-        return parts
+        return parts, home
 
-    def finish(self, handle: list) -> torch.Tensor:
-        return torch.cat([p.result() if isinstance(p, Future) else p for p in handle])
+    def finish(self, handle: tuple[list, torch.device]) -> torch.Tensor:
+        parts, home = handle
+        return torch.cat([p.result() if isinstance(p, Future) else p for p in parts]).to(home)
