@@ -20,7 +20,7 @@ def _cmd_make_model(args: argparse.Namespace) -> int:
         raise SystemExit("hybridmoe make-model: --preset and --out are required (or --list)")
     t0 = time.perf_counter()
     out = make_model(args.preset, args.out, layers=args.layers, quant=args.quant, seed=args.seed,
-                     max_shard_bytes=int(args.shard_gb * 2**30), progress=True)
+                     max_shard_bytes=int(args.shard_gb * 2**30), progress=True, device=args.device)
     print(f"{describe(out)}; written in {time.perf_counter() - t0:.1f} s")
     return 0
 
@@ -73,15 +73,22 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         if not args.url:
             raise ValueError("bench serve needs --url (the server's address, e.g. http://127.0.0.1:8000)")
-        report = loadtest.run(args.url, args.concurrency, args.requests, args.prompt_len, args.long_prompt_len,
+        report = loadtest.run(args.url, args.concurrency, args.requests, args.prompt_len or 256, args.long_prompt_len,
                               args.long_fraction, args.output_len, args.json, api_key=args.api_key or "",
                               compare_model=args.model, seed=args.seed)
         return 0 if report["errors"] == 0 else 1
+    elif args.what == "prefill":
+        from services.engine import bench_prefill
+
+        chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None
+        bench_prefill.run(args.preset or "deepseek-v3", args.layers or 5, args.quant, args.model, args.prompt_len,
+                          chunks, args.device or "auto", args.json)
     else:
         from services.engine import bench as ebench
 
-        ebench.run(args.preset, args.layers, args.quant, args.model, args.prompt_len, args.steps, args.json,
-                   compare=not args.no_compare, threads=args.threads)
+        ebench.run(args.preset or "qwen3-30b-a3b", args.layers or 4, args.quant, args.model, args.prompt_len or 256,
+                   args.steps, args.json, compare=not args.no_compare, threads=args.threads,
+                   device=args.device or "cpu")
     return 0
 
 
@@ -136,6 +143,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "groups of 128; int4_g32 for groups of 32)")
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--shard-gb", type=float, default=4.0, help="largest safetensors shard, GiB")
+    m.add_argument("--device", default="cpu", help="draw the weights on this device (cuda: real-shaped "
+                                                  "layers in seconds; a different random stream than the CPU's)")
     m.add_argument("--list", action="store_true", help="list the presets")
     m.set_defaults(fn=_cmd_make_model)
 
@@ -178,9 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
         d.set_defaults(fn=_cmd_daemon)
 
     b = sub.add_parser("bench", help="benchmarks that print figures (and write JSON)")
-    b.add_argument("what", choices=["kernels", "decode", "serve"],
+    b.add_argument("what", choices=["kernels", "decode", "prefill", "serve"],
                    help="kernels: CPU expert kernels vs memory bandwidth and torch; decode: the engines on a "
                         "real-shaped checkpoint (decode tok/s, roofline fraction, CPU prefill vs transformers); "
+                        "prefill: stream-loading prefill on a real-shaped checkpoint (pinned H2D bandwidth, "
+                        "copy/compute overlap, tok/s per layer and projected to the full depth); "
                         "serve: a load test of a running server over HTTP (TTFT, TPOT, ITL, throughput)")
     b.add_argument("--json", help="also write the results to this JSON file")
     b.add_argument("--threads", type=int, help="threads (default: every CPU this process may use)")
@@ -188,10 +199,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variant", help="kernels: the variant to measure (default: the one chosen for this CPU)")
     b.add_argument("--model", help="decode: a checkpoint folder (default: make one from --preset); serve: the "
                                    "served checkpoint, to compare with the in-process decode engine")
-    b.add_argument("--preset", default="qwen3-30b-a3b", help="decode: make-model preset (default: qwen3-30b-a3b)")
-    b.add_argument("--layers", type=int, default=4, help="decode: layers of the made checkpoint (default: 4)")
-    b.add_argument("--quant", default="fp8", help="decode: format of the made checkpoint (default: fp8)")
-    b.add_argument("--prompt-len", type=int, default=256, help="decode, serve: prompt length (default: 256)")
+    b.add_argument("--preset", help="decode, prefill: make-model preset (default: qwen3-30b-a3b for decode, "
+                                    "deepseek-v3 for prefill)")
+    b.add_argument("--layers", type=int, help="decode, prefill: layers of the made checkpoint (default: 4 for "
+                                              "decode; 5 for prefill, DeepSeek-V3's 3 dense and 2 MoE)")
+    b.add_argument("--quant", default="fp8", help="decode, prefill: format of the made checkpoint (default: fp8)")
+    b.add_argument("--device", help="decode: where attention runs (default: cpu; the experts are always on the "
+                                    "CPU); prefill: the prefill device (default: a GPU if there is one)")
+    b.add_argument("--chunks", help="prefill: chunk sizes, comma-separated (default: 4096,16384 on a GPU, 256 on "
+                                    "the CPU)")
+    b.add_argument("--prompt-len", type=int, help="decode, serve: prompt length (default: 256); prefill: "
+                                                  "(default: the largest chunk)")
     b.add_argument("--url", help="serve: the server (e.g. http://127.0.0.1:8000)")
     b.add_argument("--concurrency", type=int, default=4, help="serve: requests in flight (default: 4)")
     b.add_argument("--requests", type=int, default=32, help="serve: requests in all (default: 32)")

@@ -116,7 +116,7 @@ class PrefillService:
         def on_kv(layer: int, start: int, entries: torch.Tensor) -> None:
             if task.rid in self.io.cancelled:
                 raise _Cancelled
-            self.io.send(KVChunk(rid=task.rid, layer=layer, start=start, tensors=(entries,)), task.kv_endpoint)
+            self.io.send(KVChunk(rid=task.rid, layer=layer, start=start, tensors=(entries.cpu(),)), task.kv_endpoint)
 
         try:
             res = self.engine.prefill(task.prompt, task.params.sampling(), on_kv=on_kv if task.kv_endpoint else None,

@@ -65,7 +65,8 @@ class PagedKVCache:
         """Entries [n, width] of positions start .. start + n - 1 of the sequence with ``table``."""
         if (start + entries.shape[0]) > len(table) * self.block_size:
             raise ValueError(f"positions up to {start + entries.shape[0]} do not fit {len(table)} blocks")
-        self.layers[layer][self._slots(table, start, entries.shape[0])] = entries.to(self.dtype)
+        buf = self.layers[layer]
+        buf[self._slots(table, start, entries.shape[0])] = entries.to(buf.device, self.dtype)
 
     def read(self, layer: int, table: list[int], length: int) -> torch.Tensor:
         """The first ``length`` entries of the sequence with ``table``: [length, width]."""

@@ -107,11 +107,13 @@ class Reference:
     """The in-process engines on the same checkpoint, run the way the services run them: prompts
     longer than ``short_prompt`` through the prefill engine then decode, shorter ones in decode."""
 
-    def __init__(self, model: Path, short_prompt: int, eos_token_id: int | None) -> None:
+    def __init__(self, model: Path, short_prompt: int, eos_token_id: int | None, device: str = "cpu",
+                 chunk_size: int = 8192) -> None:
+        """``device``: the prefill device and decode's attention device, as the services have them."""
         self.short_prompt = short_prompt
-        self.prefill = PrefillEngine(load_model(model))
+        self.prefill = PrefillEngine(load_model(model), device, chunk_size=chunk_size)
         self.decode = DecodeEngine(load_model(model), num_blocks=256, block_size=16, prefill_threshold=short_prompt,
-                                   eos_token_id=eos_token_id)
+                                   eos_token_id=eos_token_id, device=device)
         self.n = 0
 
     @torch.inference_mode()

@@ -302,6 +302,25 @@ def test_bench_decode_smoke(tiny_models, tmp_path):
     assert 0 < report["decode"][0]["fraction_of_bandwidth"]
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_bench_prefill_smoke(tiny_models, tmp_path, device):
+    from services.engine import bench_prefill
+
+    out = tmp_path / "prefill.json"
+    report = bench_prefill.run(model_path=str(tiny_models["tiny-deepseek-v3", "fp8"]), chunks=(4, 16),
+                               prompt_len=16, device=device, json_path=str(out))
+    assert out.is_file() and [r["chunk"] for r in report["runs"]] == [4, 16]
+    assert report["dense_layers"] == 1 and report["layers"] == 3
+    for r in report["runs"]:
+        assert r["tok_s"] > 0 and r["dense_layer_s"] > 0 and r["moe_layer_s"] > 0
+        # the layers' marks cover the run: their sum is within the wall time
+        assert r["dense_layer_s"] + 2 * r["moe_layer_s"] <= r["seconds"]
+    if device == "cuda":
+        assert report["pinned_h2d_gbps"] > 0
+        assert all(r["copies_alone_s"] > 0 and r["compute_alone_s"] > 0 and r["h2d_gbps_streaming"] > 0
+                   for r in report["runs"])
+
+
 def test_kernel_linear_matches_torch_and_declines_what_it_cannot_take():
     from services.engine.runner import _kernel_linear, align_for_kernels, kernel_linear_max_rows
 

@@ -31,7 +31,7 @@ def server(model_path, tmp_path_factory):
                model={"path": str(model_path), "name": MODEL},
                router={"short_prompt": SHORT, "heartbeat_s": 0.2, "dead_after_s": 2.0, "max_queue": 4,
                        "max_running": 4},
-               prefill={"threads": 1, "chunk_size": 16},
+               prefill={"threads": 1, "chunk_size": 16, "device": "cpu"},  # the GPU path: its own test below
                decode={"numa_nodes": [0, 0], "num_blocks": 64, "block_size": 16, "max_batch": 8, "threads": 1})
     yield s
     status = s.stop()
@@ -76,6 +76,28 @@ def test_greedy_completion_equals_in_process_engine(client, tokenizer, reference
     # The same prompt as text gives the same answer.
     r2 = client.completions.create(model=MODEL, prompt=text, max_tokens=12, temperature=0)
     assert r2.choices[0].text == r.choices[0].text
+
+
+@pytest.mark.gpu
+def test_gpu_prefill_and_gpu_attention_decode(model_path, tokenizer, tmp_path):
+    """prefill.device and decode.device on CUDA: stream-loading prefill from the shared pages
+    (registered with CUDA), KV shipped from the GPU, decode's attention on the GPU with the experts
+    on the CPU kernels; against the in-process engines placed the same way."""
+    s = Server(model_path, tmp_path / "serve.log", model={"path": str(model_path), "name": MODEL},
+               router={"short_prompt": SHORT}, prefill={"chunk_size": 16, "device": "cuda"},
+               decode={"numa_nodes": [0], "num_blocks": 64, "max_batch": 8, "threads": 1, "device": "cuda"})
+    try:
+        client = openai.OpenAI(base_url=s.url, api_key="unused", max_retries=0, timeout=60)
+        ref = Reference(model_path, SHORT, tokenizer.eos_token_id, device="cuda", chunk_size=16)
+        for text in ("Hi", "A longer prompt that goes through the prefill service, in chunks."):
+            prompt = _prompt(tokenizer, text)
+            want = ref.greedy(prompt, 12)
+            r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+            assert r.choices[0].text == tokenizer.decode(want)
+        assert any(r.get("device") == "cuda" for r in s.records() if r.get("event") == "attached")
+    finally:
+        assert s.stop() == 0, s.log_path.read_text()[-3000:]
+        assert s.leftovers() == []
 
 
 def test_chat_streamed_equals_unstreamed(client):

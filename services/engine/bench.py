@@ -29,40 +29,44 @@ from shared.sampling import SamplingParams
 STREAMS = (1, 2, 4, 8)
 
 
-def bench_model_path(preset: str, layers: int, quant: str, seed: int = 0) -> Path:
-    """A make-model checkpoint kept in the cache folder, made on first use."""
+def bench_model_path(preset: str, layers: int, quant: str, seed: int = 0, device: str = "cpu") -> Path:
+    """A make-model checkpoint kept in the cache folder, made on first use (its weights drawn on
+    ``device``: a GPU makes real-shaped layers much faster, with its own random stream)."""
     from shared.make_model import make_model
 
-    path = envs.cache_dir() / "bench" / f"{preset}-l{layers}-{quant}-s{seed}"
+    where = "" if device == "cpu" else f"-{device}"
+    path = envs.cache_dir() / "bench" / f"{preset}-l{layers}-{quant}-s{seed}{where}"
     if not (path / "config.json").is_file():
         tmp = path.with_name(path.name + ".tmp")
-        make_model(preset, tmp, layers=layers, quant=quant, seed=seed, progress=True)
+        make_model(preset, tmp, layers=layers, quant=quant, seed=seed, progress=True, device=device)
         tmp.rename(path)
     return path
 
 
-def step_bytes(model: CausalLM) -> int:
+def step_bytes(model: CausalLM, experts_only: bool = False) -> int:
     """Bytes one single-token decode step must read: every weight but the routed experts, plus
-    top-k experts per MoE layer and the LM head (the embedding contributes one row)."""
+    top-k experts per MoE layer and the LM head (the embedding contributes one row). With
+    ``experts_only``, the top-k experts alone: what the CPU reads when the rest is on a GPU."""
     total = 0
     for layer in model.layers:
         for name, buf in layer.named_buffers():
-            if ".experts." not in f".{name}":
+            if ".experts." not in f".{name}" and not experts_only:
                 total += buf.numel() * buf.element_size()
         if isinstance(layer.ffn, MoE):
             ex = layer.ffn.experts
             per_expert = sum(ex.weight(n).nbytes for n in ("gate", "up", "down")) / ex.num_experts
             total += int(per_expert * model.args.num_experts_per_tok)
-    for t in (model.lm_head, model.norm.weight):
+    for t in () if experts_only else (model.lm_head, model.norm.weight):
         total += t.numel() * t.element_size()
     return total
 
 
-def bench_decode(model: CausalLM, streams: int, prompt_len: int, steps: int, overlap: bool) -> dict:
+def bench_decode(model: CausalLM, streams: int, prompt_len: int, steps: int, overlap: bool,
+                 device: str = "cpu") -> dict:
     V = model.embed.shape[0]
     g = torch.Generator().manual_seed(streams)
     eng = DecodeEngine(model, num_blocks=streams * blocks_for(prompt_len + steps + 2, 16) + 1, block_size=16,
-                       prefill_threshold=prompt_len, experts="kernel", overlap=overlap)
+                       prefill_threshold=prompt_len, experts="kernel", overlap=overlap, device=device)
     for i in range(streams):
         eng.add(str(i), torch.randint(0, V, (prompt_len,), generator=g).tolist(),
                 SamplingParams(max_tokens=steps + 2, ignore_eos=True))
@@ -108,26 +112,35 @@ def bench_transformers_prefill(path: Path, prompt_len: int) -> float | None:
 
 def run(preset: str = "qwen3-30b-a3b", layers: int = 4, quant: str = "fp8", model_path: str | None = None,
         prompt_len: int = 256, steps: int = 8, json_path: str | None = None, compare: bool = True,
-        threads: int | None = None) -> dict:
+        threads: int | None = None, device: str = "cpu") -> dict:
+    """``device``: where decode's attention and dense parts run (the routed experts are always on
+    the CPU kernels). On a GPU the one-stream roofline counts the experts' bytes only (what the
+    CPU reads), and the CPU prefill and transformers comparison are skipped."""
     from cython_kernels import api
 
     threads = threads or api.default_threads()
     bw = kbench.memory_bandwidth(threads)
     path = Path(model_path) if model_path else bench_model_path(preset, layers, quant)
-    print(f"model {path}; {threads} threads; measured memory-read bandwidth {bw:.1f} GB/s")
+    on_cpu = torch.device(device).type == "cpu"
+    print(f"model {path}; {threads} threads; measured memory-read bandwidth {bw:.1f} GB/s; attention on {device}")
     model = load_model(path)
-    nbytes = step_bytes(model)
-    report: dict = {"model": str(path), "threads": threads, "memory_bandwidth_gbps": bw,
-                    "step_bytes_one_token": nbytes, "decode": [], "prompt_len": prompt_len}
+    nbytes = step_bytes(model, experts_only=not on_cpu)
+    report: dict = {"model": str(path), "threads": threads, "memory_bandwidth_gbps": bw, "device": device,
+                    "step_bytes_one_token": nbytes, "step_bytes_counted": "all" if on_cpu else "routed experts",
+                    "decode": [], "prompt_len": prompt_len}
     for overlap in (False, True):
         for n in STREAMS:
-            r = bench_decode(model, n, 32, steps, overlap)
+            r = bench_decode(model, n, 32, steps, overlap, device)
             if n == 1:
                 r["fraction_of_bandwidth"] = nbytes / (r["step_ms"] / 1e3) / 1e9 / bw
             report["decode"].append(r)
             frac = f"  {r['fraction_of_bandwidth']:.2f} of bw ({nbytes / 1e6:.0f} MB/token)" if n == 1 else ""
             print(f"decode {n} stream(s) overlap={'on ' if overlap else 'off'} {r['step_ms']:8.1f} ms/step "
                   f"{r['tok_s']:7.2f} tok/s{frac}")
+    if not on_cpu:
+        if json_path:
+            Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
+        return report
     report["prefill_tok_s"] = bench_prefill(model, prompt_len, chunk=prompt_len)
     print(f"prefill {prompt_len} tokens (CPU, stream-loading): {report['prefill_tok_s']:.1f} tok/s")
     del model

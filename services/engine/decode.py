@@ -212,7 +212,8 @@ class DecodeEngine:
         logits = self.runner.forward(segments, overlap=self.overlap)
         for r, lg in zip(batch, logits, strict=True):
             r.cached += len(r.pending)
-            events.append(self._accept(r, choose(lg.cpu(), r.params, r.generator), lg))
+            lg = lg.cpu()
+            events.append(self._accept(r, choose(lg, r.params, r.generator), lg))
         return events
 
     def run_all(self) -> dict[str, list[TokenEvent]]:

@@ -99,12 +99,14 @@ class ExpertStreamer:
             self.copier = ThreadPoolExecutor(1, thread_name_prefix="hybridmoe-stream") if self.copy else None
         self.schedule: list[int] = []
         self.cursor = 0
+        self.dry = False  # benchmarks only: skip the copies (the slots keep stale weights) to time compute alone
 
     def begin(self, passes: int) -> None:
         """Plan ``passes`` visits of every MoE layer and start the first ``depth`` copies."""
         if self.cursor < len(self.schedule):
             raise RuntimeError("a streaming pass is still in progress")
         self.schedule, self.cursor = self.order * passes, 0
+        self.trace, self.cuda_events = [], []  # this pass's
         for i in range(min(self.depth, len(self.schedule))):
             self._load(i)
 
@@ -123,7 +125,8 @@ class ExpertStreamer:
                 end = torch.cuda.Event(enable_timing=True)
                 start.record(self.copy_stream)
                 for d, s in zip(dst, src, strict=True):
-                    _copy(d, s, non_blocking=True)
+                    if not self.dry:
+                        _copy(d, s, non_blocking=True)
                 end.record(self.copy_stream)
                 self.ready[slot].record(self.copy_stream)
             self.cuda_events += [("copy_start", layer, start), ("copy_end", layer, end)]
@@ -256,9 +259,11 @@ class PrefillEngine:
 
     @torch.inference_mode()
     def prefill(self, tokens: list[int] | torch.Tensor, params: SamplingParams | None = None,
-                on_kv: KVCallback | None = None, all_logits: bool = False) -> PrefillResult:
+                on_kv: KVCallback | None = None, all_logits: bool = False,
+                layer_hook: Callable[[int], None] | None = None) -> PrefillResult:
         """Prefill ``tokens``; ``on_kv(layer, start, entries)`` receives each chunk's cache
-        entries of each layer as soon as they exist (so they can be shipped meanwhile)."""
+        entries of each layer as soon as they exist (so they can be shipped meanwhile);
+        ``layer_hook(layer)`` runs before each layer of each chunk (the benchmark times layers)."""
         ids = torch.as_tensor(tokens, dtype=torch.int64).flatten()
         P = ids.shape[0]
         if P == 0:
@@ -275,7 +280,7 @@ class PrefillEngine:
         logits = []
         for c0, c1 in chunks:
             seg = Segment(ids[c0:c1], c0, kv, all_logits=all_logits)
-            logits.append(self.runner.forward([seg], kv_hook=hook)[0])
+            logits.append(self.runner.forward([seg], kv_hook=hook, layer_hook=layer_hook)[0])
         out = torch.cat(logits) if all_logits else logits[-1]
         last = out[-1] if all_logits else out
         gen = torch.Generator().manual_seed(params.seed) if params.seed is not None else None
