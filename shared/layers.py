@@ -139,16 +139,19 @@ def suffix_causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     Dq] and v [H or K, L, Dv], each query seeing every earlier position and itself.
 
     On a GPU through torch's lower-right causal bias, so that the fused kernels run without a
-    [T, L] mask or score matrix (a 16K-token chunk's scores at DeepSeek-V3's 128 heads would be
-    tens of GB), with grouped K/V repeated to the query heads for them; elsewhere with the explicit
-    mask."""
+    [T, L] mask or score matrix (a 4K-token chunk's scores at DeepSeek-V3's 128 heads are 4 GiB,
+    a 16K one's 64), with grouped K/V repeated to the query heads for them; elsewhere with the
+    explicit mask."""
     T, L = q.shape[-2], k.shape[-2]
     if q.device.type == "cuda" and T > 1:
         from torch.nn.attention.bias import causal_lower_right
 
         if k.shape[0] != q.shape[0]:
             k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(T, L), scale=scale)
+        # The fused kernels take 4-D [batch, heads, length, dim] only; 3-D falls back to the math path.
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=causal_lower_right(T, L),
+                                             scale=scale)
+        return out[0]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=suffix_causal_mask(T, L, q.device), scale=scale,
                                           enable_gqa=k.shape[0] != q.shape[0])
 

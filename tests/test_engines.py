@@ -386,3 +386,23 @@ def test_suffix_causal_sdpa_equals_the_masked_reference(device, heads, kv_heads,
     ref = s.masked_fill(~allowed, float("-inf")).softmax(-1) @ vv
     out = suffix_causal_sdpa(q.to(device), k.to(device), v.to(device), dq**-0.5)
     assert out.shape == (heads, T, dv) and (out.cpu().double() - ref).abs().max() < 1e-4
+
+
+@pytest.mark.gpu
+def test_suffix_causal_sdpa_on_cuda_never_builds_the_score_matrix():
+    """At MLA's shapes (q/k 192 wide, v 128) in bf16 the prefill attention must run fused: its
+    peak memory stays far below one [H, T, L] score matrix (the math path's)."""
+    from shared.layers import suffix_causal_sdpa
+
+    H, T, L = 16, 2048, 3072
+    q = torch.randn(H, T, 192, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(H, L, 192, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(H, L, 128, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    out = suffix_causal_sdpa(q, k, v, 192**-0.5)
+    torch.cuda.synchronize()
+    scores = H * T * L * 2
+    assert out.shape == (H, T, 128) and torch.isfinite(out).all()
+    assert torch.cuda.max_memory_allocated() - base < scores / 8
