@@ -148,10 +148,15 @@ def suffix_causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
 
         if k.shape[0] != q.shape[0]:
             k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
-        # The fused kernels take 4-D [batch, heads, length, dim] only; 3-D falls back to the math path.
+        # Lower-right causal runs fused only in flash attention, which takes 4-D [batch, heads,
+        # length, dim] (3-D falls back to the math path) and one width for q, k and v: MLA's
+        # narrower v is padded with zeros, which come out as zero columns and are cut off.
+        dv = v.shape[-1]
+        if dv < q.shape[-1]:
+            v = F.pad(v, (0, q.shape[-1] - dv))
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=causal_lower_right(T, L),
                                              scale=scale)
-        return out[0]
+        return out[0, ..., :dv]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=suffix_causal_mask(T, L, q.device), scale=scale,
                                           enable_gqa=k.shape[0] != q.shape[0])
 
@@ -258,16 +263,22 @@ def experts_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, g
     slot's share); choices of other experts contribute nothing. ``dequantize(w, dtype)`` may
     replace ``w.dequantize(dtype)`` with an equal, faster one."""
     out = torch.zeros_like(x)
-    E = gate.shape[0]
-    for e in ids.unique().tolist():
-        if not first <= e < first + E:
-            continue
-        tok, slot = torch.where(ids == e)
-        g, u, d = (dequantize(w[e - first], x.dtype) if dequantize else w[e - first].dequantize(x.dtype)
-                   for w in (gate, up, down))
-        xe = x[tok]
-        ye = F.linear(F.silu(F.linear(xe, g)) * F.linear(xe, u), d)
-        out.index_add_(0, tok, (ye * weights[tok, slot, None]).to(x.dtype))
+    E, k = gate.shape[0], ids.shape[1]
+    # The choices sorted by expert (stable: each expert's tokens in order), and each expert's count
+    # read back once: one device-to-host sync per call, not one per expert.
+    flat = ids.flatten() - first
+    order = flat.argsort(stable=True)
+    counts = torch.bincount(flat.clamp(-1, E).add(1), minlength=E + 2).tolist()
+    toks, w_sorted = order // k, weights.flatten()[order]
+    start = counts[0]  # choices of experts before ``first`` (another rank's)
+    for e, n in enumerate(counts[1 : E + 1]):
+        if n:
+            tok, we = toks[start : start + n], w_sorted[start : start + n]
+            g, u, d = (dequantize(w[e], x.dtype) if dequantize else w[e].dequantize(x.dtype) for w in (gate, up, down))
+            xe = x[tok]
+            ye = F.linear(F.silu(F.linear(xe, g)) * F.linear(xe, u), d)
+            out.index_add_(0, tok, (ye * we[:, None]).to(x.dtype))
+        start += n
     return out
 
 

@@ -405,4 +405,4 @@ def test_suffix_causal_sdpa_on_cuda_never_builds_the_score_matrix():
     torch.cuda.synchronize()
     scores = H * T * L * 2
     assert out.shape == (H, T, 128) and torch.isfinite(out).all()
-    assert torch.cuda.max_memory_allocated() - base < scores / 8
+    assert torch.cuda.max_memory_allocated() - base < scores / 3  # v padded to 192 and the output: ~30 MB

@@ -85,27 +85,41 @@ def _served(eng: PrefillEngine, ids: torch.Tensor, dense: set[int]) -> dict:
     """One prefill as served; wall time, and per-layer time from marks before each layer."""
     clock = _Clock(eng.device)
     layer_of: list[int] = []
+    host: list[float] = []  # when the host reached each mark (a host blocked by the GPU shows here)
 
     def hook(layer: int) -> None:
         if layer == 0 and layer_of:  # a chunk's end: the LM head of its last token and the next embedding
             layer_of.append(-1)
+            host.append(time.perf_counter())
             clock.mark()
         layer_of.append(layer)
+        host.append(time.perf_counter())
         clock.mark()
 
     _sync(eng.device)
     t0 = time.perf_counter()
+    ref = _Clock(eng.device)
+    ref.mark()
     eng.prefill(ids, layer_hook=hook)
     clock.mark()
     _sync(eng.device)
     wall = time.perf_counter() - t0
     spans = clock.seconds()
+    timeline = []
+    if clock.cuda:  # (what, layer, GPU ms, host ms) from the start, for reading the overlap
+        r0 = ref.marks[0]
+        timeline = [("layer", li, r0.elapsed_time(m), (h - t0) * 1e3)
+                    for li, m, h in zip(layer_of, clock.marks, host, strict=False)]
+        if eng.streamer is not None:
+            timeline += [(k, li, r0.elapsed_time(e), None) for k, li, e in eng.streamer.cuda_events]
+        timeline.sort(key=lambda t: t[2])
     dense_t = [t for li, t in zip(layer_of, spans, strict=True) if li in dense]
     moe_t = [t for li, t in zip(layer_of, spans, strict=True) if li >= 0 and li not in dense]
     n_moe = len({li for li in layer_of if li >= 0} - dense)
     # one layer's time over the whole prompt (all its chunks)
     out = {"seconds": wall, "tok_s": ids.shape[0] / wall,
-           "dense_layer_s": sum(dense_t) / max(len(dense), 1), "moe_layer_s": sum(moe_t) / max(n_moe, 1)}
+           "dense_layer_s": sum(dense_t) / max(len(dense), 1), "moe_layer_s": sum(moe_t) / max(n_moe, 1),
+           "timeline": timeline}
     s = eng.streamer
     if s is not None and s.cuda:
         ev = s.cuda_times()
@@ -173,6 +187,7 @@ def run(preset: str = "deepseek-v3", layers: int = 5, quant: str = "fp8", model_
         eng.chunk_size = chunk
         eng.prefill(ids[: min(chunk, 256)])  # warm-up: kernels chosen, memory pools grown
         r = {"chunk": chunk, **_served(eng, ids, dense)}
+        timeline = r["timeline"]
         passes = -(-prompt_len // chunk)
         if cuda and eng.streamer is not None:
             r["compute_alone_s"] = _compute_alone(eng, ids)
@@ -192,6 +207,9 @@ def run(preset: str = "deepseek-v3", layers: int = 5, quant: str = "fp8", model_
                   f"{r.get('h2d_gbps_streaming', 0):.1f} GB/s")
         if full:
             print(f"    projected {full[0]} dense + {full[1]} MoE layers: {r['projected_full_model_tok_s']:.0f} tok/s")
+        if timeline and chunk == chunks[-1]:
+            print("    timeline (ms from the start; GPU, and for layers the host's): " + "; ".join(
+                f"{k} {li} {g:.0f}" + (f"/{h:.0f}" if h is not None else "") for k, li, g, h in r["timeline"]))
         gc.collect()
     eng.close()
     if json_path:
