@@ -274,6 +274,9 @@ class PrefillEngine:
         params = (params or SamplingParams()).validate()
         kv = ContiguousKV(self.widths, self.model.dtype, self.device, capacity=P)
         chunks = [(c, min(c + self.chunk_size, P)) for c in range(0, P, self.chunk_size)]
+        # The token ids go to the device before the streaming starts: a small copy issued while
+        # the experts' copies are in flight waits for them, and the host with it.
+        ids = ids.to(self.device)
         if self.streamer is not None:
             self.streamer.begin(len(chunks))
         hook = (lambda layer, seg, entries: on_kv(layer, seg.start, entries)) if on_kv else None

@@ -68,7 +68,9 @@ KVHook = Callable[[int, Segment, torch.Tensor], None]  # (layer, segment, its ne
 class _MicroBatch:
     def __init__(self, segments: list[Segment], device: torch.device) -> None:
         self.segments = segments
-        self.positions = torch.cat([torch.arange(s.start, s.end) for s in segments]).to(device)
+        # made on the device: a host-to-device copy here would queue behind the expert streaming's
+        # copies and hold the host (and so the GPU's next work) until they are done
+        self.positions = torch.cat([torch.arange(s.start, s.end, device=device) for s in segments])
         self.sizes = [s.tokens.shape[0] for s in segments]
         self.x: torch.Tensor | None = None
         self.pending: tuple | None = None  # (handle, shared output or None) of a layer's experts
