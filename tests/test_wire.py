@@ -160,7 +160,9 @@ def test_weight_store_quantizes_at_publish_time(tiny_models, tmp_path):
 @pytest.mark.gpu
 def test_shared_weights_stream_to_cuda_from_the_shared_pages(tiny_models, tmp_path):
     """On CUDA the shared pages are registered, not copied into pinned memory: the streamer's host
-    experts are views of the mapping, pinned, and prefill matches the CPU run."""
+    experts are views of the mapping, pinned, and prefill equals a GPU prefill of the same
+    checkpoint loaded privately (the comparison stays on one device: BF16 logits of a GPU and a
+    CPU run differ by a few 1e-2, and by ~1 where an expert choice is a near tie)."""
     from services.engine.prefill import PrefillEngine
 
     path = tiny_models["tiny-deepseek-v3", "fp8"]
@@ -173,7 +175,7 @@ def test_shared_weights_stream_to_cuda_from_the_shared_pages(tiny_models, tmp_pa
         assert all(t.is_pinned() and a.contains(t) for t in host)
         prompt = list(range(3, 40))
         got = eng.prefill(prompt, all_logits=True).logits
-        want = PrefillEngine(load_model(path), chunk_size=8).prefill(prompt, all_logits=True).logits
+        want = PrefillEngine(load_model(path), "cuda", chunk_size=8).prefill(prompt, all_logits=True).logits
         assert (got - want).abs().max() < 1e-3
         eng.close()
         a.close()
