@@ -16,6 +16,7 @@ gateway die, everything stops.
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 import shutil
 import signal
@@ -131,13 +132,17 @@ class Launcher:
         return url
 
     def _wait_healthy(self, url: str, timeout: float = 120) -> None:
+        """Until /health answers 200 with every started service registered (the router hears of
+        each through its first heartbeat; 200 alone means one of each kind)."""
+        want = {"prefill": 1, "decode": len(self.cfg.decode.numa_nodes)}
         deadline = time.monotonic() + timeout
         while True:
             try:
                 with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                    if r.status == 200:
+                    body = json.loads(r.read())
+                    if r.status == 200 and all(body.get(k, 0) >= n for k, n in want.items()):
                         return
-            except OSError:
+            except (OSError, ValueError):
                 pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{url}/health did not answer 200 within {timeout:.0f} s")

@@ -75,7 +75,7 @@ class RouterConfig:
 @dataclass(frozen=True)
 class PrefillConfig:
     device: str = "auto"  # "auto" (the first GPU, else the CPU), "cpu", "cuda", "cuda:1"
-    chunk_size: int = 8192
+    chunk_size: int = 16384  # DeepSeek-V3 on an H100: 4.5x the tok/s of 4K chunks (README, "On a GPU")
     threads: int = 0  # CPU threads when it runs on the CPU (0: all)
     nice: int = 10  # on the CPU, run below decode's priority (0: the same)
 

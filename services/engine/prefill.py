@@ -224,7 +224,7 @@ class PrefillEngine:
     (``copy_on_cpu`` makes the ring copy them, as on a GPU: the tests use it).
     """
 
-    def __init__(self, model: CausalLM, device: str | torch.device = "cpu", chunk_size: int = 8192,
+    def __init__(self, model: CausalLM, device: str | torch.device = "cpu", chunk_size: int = 16384,
                  depth: int | None = None, group: dist.ProcessGroup | None = None, copy_on_cpu: bool = False,
                  host_pinned: bool = False) -> None:
         """``host_pinned``: the routed experts already lie in page-locked host memory (the weight
