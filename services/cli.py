@@ -81,8 +81,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         from services.engine import bench_prefill
 
         chunks = tuple(int(c) for c in args.chunks.split(",")) if args.chunks else None
-        bench_prefill.run(args.preset or "deepseek-v3", args.layers or 5, args.quant, args.model, args.prompt_len,
-                          chunks, args.device or "auto", args.json)
+        bench_prefill.run(args.preset, args.layers, args.quant, args.model, args.prompt_len, chunks,
+                          args.device or "auto", args.json)
     else:
         from services.engine import bench as ebench
 
@@ -199,10 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--variant", help="kernels: the variant to measure (default: the one chosen for this CPU)")
     b.add_argument("--model", help="decode: a checkpoint folder (default: make one from --preset); serve: the "
                                    "served checkpoint, to compare with the in-process decode engine")
-    b.add_argument("--preset", help="decode, prefill: make-model preset (default: qwen3-30b-a3b for decode, "
-                                    "deepseek-v3 for prefill)")
-    b.add_argument("--layers", type=int, help="decode, prefill: layers of the made checkpoint (default: 4 for "
-                                              "decode; 5 for prefill, DeepSeek-V3's 3 dense and 2 MoE)")
+    b.add_argument("--preset", help="decode, prefill: make-model preset (default: qwen3-30b-a3b; deepseek-v3 for "
+                                    "prefill on a GPU)")
+    b.add_argument("--layers", type=int, help="decode, prefill: layers of the made checkpoint (default: 4; 5 for "
+                                              "prefill on a GPU, DeepSeek-V3's 3 dense and 2 MoE)")
     b.add_argument("--quant", default="fp8", help="decode, prefill: format of the made checkpoint (default: fp8)")
     b.add_argument("--device", help="decode: where attention runs (default: cpu; the experts are always on the "
                                     "CPU); prefill: the prefill device (default: a GPU if there is one)")

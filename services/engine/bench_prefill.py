@@ -155,12 +155,17 @@ def _copies_alone(eng: PrefillEngine, passes: int) -> float:
     return time.perf_counter() - t0
 
 
-def run(preset: str = "deepseek-v3", layers: int = 5, quant: str = "fp8", model_path: str | None = None,
+def run(preset: str | None = None, layers: int | None = None, quant: str = "fp8", model_path: str | None = None,
         prompt_len: int | None = None, chunks: tuple[int, ...] | None = None, device: str = "auto",
         json_path: str | None = None) -> dict:
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
+    """Defaults by device: on a GPU DeepSeek-V3 with 5 layers (3 dense, 2 MoE: 26.5 GiB), chunks
+    of 4096 and 16384; on the CPU Qwen3-30B-A3B with 4 layers and one chunk of 256."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
     cuda = dev.type == "cuda"
+    preset = preset or ("deepseek-v3" if cuda else "qwen3-30b-a3b")
+    layers = layers or (5 if cuda else 4)
     chunks = tuple(chunks or ((4096, 16384) if cuda else (256,)))
     prompt_len = prompt_len or max(chunks)
     path = Path(model_path) if model_path else bench_model_path(preset, layers, quant, device=dev.type)
