@@ -109,3 +109,21 @@ def test_quantized_checkpoint_matches_its_dequantized_weights(tiny_models, tmp_p
     reference = load_model(_dequantized_copy(src, tmp_path), dtype=torch.float32)
     ids = torch.randint(0, 258, (2, 20), generator=torch.Generator().manual_seed(0))
     assert (model(ids) - reference(ids)).abs().max().item() < 1e-4
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_triton_fp8_dequantization_equals_torch(dtype):
+    """The one-pass Triton dequantization of prefill on a GPU gives torch's values bit for bit,
+    on stacked experts with negative, tiny and large weights."""
+    from shared import quant_triton
+
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(3, 256, 384, generator=g) * torch.logspace(-4, 2, 384)
+    q = quantize(w, "fp8_b128").to("cuda")
+    assert quant_triton.available(q.data)  # CUDA builds of torch bring Triton
+    got = quant_triton.dequantize_fp8_b128(q.data, q.scale, dtype)
+    assert got.dtype == dtype and torch.equal(got, q.dequantize(dtype))
+    assert torch.equal(quant_triton.dequantize_fp8_b128(q.data[1], q.scale[1], dtype), q[1].dequantize(dtype))
+    with pytest.raises(ValueError, match="whole 128x128 blocks"):
+        quant_triton.dequantize_fp8_b128(q.data[:, :100], q.scale, dtype)
