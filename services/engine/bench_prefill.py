@@ -10,7 +10,9 @@ Measured in one run, on the prefill device (a GPU by default, the CPU when there
   the first is close to the larger of the other two, not to their sum;
 - from the served run's CUDA events: each expert copy's bandwidth, and each layer's time, dense
   and MoE layers apart, which projects the prefill speed of the full-depth model (e.g.
-  DeepSeek-V3's 3 dense + 58 MoE layers) from a checkpoint of a few real-shaped layers.
+  DeepSeek-V3's 3 dense + 58 MoE layers) from a checkpoint of a few real-shaped layers. A MoE
+  layer counts at least its own copies' time there: in a short checkpoint the first MoE layer's
+  copies hide behind the dense layers, which a deep model cannot repeat.
 
 On the CPU nothing is copied (the staging slots are the host weights), so only the served run
 and the layer times are reported.
@@ -202,13 +204,17 @@ def run(preset: str | None = None, layers: int | None = None, quant: str = "fp8"
             r["copies_alone_s"] = _copies_alone(eng, passes)
             r["overlap_vs_max"] = r["seconds"] / max(r["compute_alone_s"], r["copies_alone_s"])
             r["overlap_vs_sum"] = r["seconds"] / (r["compute_alone_s"] + r["copies_alone_s"])
-        r["tok_s_per_moe_layer"] = prompt_len / r["moe_layer_s"] if r["moe_layer_s"] else None
+        # In a deep model every MoE layer waits for its own copies (the first one's hide behind the
+        # dense layers here), so a layer's steady time is at least its passes' copy time.
+        r["moe_layer_steady_s"] = max(r["moe_layer_s"], passes * r.get("copy_s_median", 0.0))
+        r["tok_s_per_moe_layer"] = prompt_len / r["moe_layer_steady_s"] if r["moe_layer_steady_s"] else None
         if full:
-            r["projected_full_model_tok_s"] = prompt_len / (full[0] * r["dense_layer_s"] + full[1] * r["moe_layer_s"])
+            r["projected_full_model_tok_s"] = prompt_len / (full[0] * r["dense_layer_s"]
+                                                            + full[1] * r["moe_layer_steady_s"])
         report["runs"].append(r)
         print(f"chunk {chunk:6d}: {prompt_len} tokens in {r['seconds']:.2f} s = {r['tok_s']:.0f} tok/s; per layer "
-              f"dense {r['dense_layer_s'] * 1e3:.1f} ms, MoE {r['moe_layer_s'] * 1e3:.1f} ms "
-              f"({r['tok_s_per_moe_layer'] or 0:.0f} tok/s per MoE layer)")
+              f"dense {r['dense_layer_s'] * 1e3:.1f} ms, MoE {r['moe_layer_s'] * 1e3:.1f} ms, steady "
+              f"{r['moe_layer_steady_s'] * 1e3:.1f} ms ({r['tok_s_per_moe_layer'] or 0:.0f} tok/s per MoE layer)")
         if "compute_alone_s" in r:
             print(f"    compute alone {r['compute_alone_s']:.2f} s, copies alone {r['copies_alone_s']:.2f} s: "
                   f"served/max {r['overlap_vs_max']:.2f}, served/sum {r['overlap_vs_sum']:.2f}; streaming H2D "
