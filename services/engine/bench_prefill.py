@@ -83,6 +83,15 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _timed(device: torch.device, fn) -> float:
+    """Seconds of ``fn()`` with the device's queued work done before and after."""
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
 def _served(eng: PrefillEngine, ids: torch.Tensor, dense: set[int]) -> dict:
     """One prefill as served; wall time, and per-layer time from marks before each layer."""
     clock = _Clock(eng.device)
@@ -136,25 +145,20 @@ def _served(eng: PrefillEngine, ids: torch.Tensor, dense: set[int]) -> dict:
 def _compute_alone(eng: PrefillEngine, ids: torch.Tensor) -> float:
     eng.streamer.dry = True
     try:
-        _sync(eng.device)
-        t0 = time.perf_counter()
-        eng.prefill(ids)
-        _sync(eng.device)
-        return time.perf_counter() - t0
+        return _timed(eng.device, lambda: eng.prefill(ids))
     finally:
         eng.streamer.dry = False
 
 
 def _copies_alone(eng: PrefillEngine, passes: int) -> float:
     s = eng.streamer
-    _sync(eng.device)
-    t0 = time.perf_counter()
-    s.begin(passes)
-    for layer in list(s.schedule):
-        s.acquire(layer)
-        s.release(layer)
-    _sync(eng.device)
-    return time.perf_counter() - t0
+
+    def stream() -> None:
+        s.begin(passes)
+        for layer in list(s.schedule):
+            s.acquire(layer)
+            s.release(layer)
+    return _timed(eng.device, stream)
 
 
 def run(preset: str | None = None, layers: int | None = None, quant: str = "fp8", model_path: str | None = None,

@@ -209,10 +209,9 @@ class DecodeEngine:
         if not batch:
             return events
         segments = [Segment(torch.tensor(r.pending), r.cached, SequenceKV(self.cache, r.blocks)) for r in batch]
-        logits = self.runner.forward(segments, overlap=self.overlap)
+        logits = torch.stack(self.runner.forward(segments, overlap=self.overlap)).cpu()  # one transfer from a GPU
         for r, lg in zip(batch, logits, strict=True):
             r.cached += len(r.pending)
-            lg = lg.cpu()
             events.append(self._accept(r, choose(lg, r.params, r.generator), lg))
         return events
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from services.engine.experts import place_except_experts
 from services.engine.runner import ModelRunner, Segment
 from shared import quant_triton
 from shared.kv_cache import ContiguousKV
@@ -250,7 +251,7 @@ class PrefillEngine:
                     setattr(ex, f"{n}_data", torch.empty(0))
                     if getattr(ex, f"{n}_scale") is not None:
                         setattr(ex, f"{n}_scale", torch.empty(0))
-            model.to(self.device)
+            place_except_experts(model, self.device)
         elif self.device.type != model.device.type:
             raise ValueError(f"the model is on {model.device}; a prefill engine on {self.device} needs it on the CPU")
         self.streamer = ExpertStreamer(host, self.device, depth, copy_on_cpu) if host else None
