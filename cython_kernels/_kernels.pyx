@@ -26,6 +26,8 @@ cdef extern from "moe.h" nogil:
     int hm_amx_enabled
     int hm_amx_int8
     int hm_amx_int8_enabled
+    int hm_vnni_available
+    int hm_vnni_enabled
 
 hm_init()
 
@@ -57,6 +59,20 @@ def set_amx_int8(bint on):
     """Let INT4 use AMX-INT8 where it applies (when available); off, INT4 AMX stays on bf16."""
     global hm_amx_int8_enabled
     hm_amx_int8_enabled = 1 if (on and hm_amx_int8) else 0
+
+def vnni_available():
+    """Whether the CPU has AVX512-VNNI (INT4's path at one token)."""
+    return bool(hm_vnni_available)
+
+
+def vnni_enabled():
+    return bool(hm_vnni_enabled)
+
+
+def set_vnni(bint on):
+    """Let INT4 at one token use VNNI (when available); off, it takes the AMX or AVX-512 path."""
+    global hm_vnni_enabled
+    hm_vnni_enabled = 1 if (on and hm_vnni_available) else 0
 
 VARIANT_CODES = {"generic": 0, "avx512_bf16": 1, "avx512f": 2, "avx2": 3}
 

@@ -80,6 +80,7 @@ HM_AVX512 static void hm_amx_store(const hm_weight *w, const uint16_t *xp, int T
 }
 
 #include "gemv_amx_int4.h"
+#include "gemv_int4_vnni.h"
 
 /* BF16 rows [r0, r0 + 16): the A tiles load straight from the weight rows, nothing to decode. */
 HM_AMX static void hm_rows16_bf16_amx(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
@@ -236,8 +237,13 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
     hm_amx_store(w, xp, T, tot, y, ldy, r0);
 }
 
-/* Words of the activation buffer an AMX call needs. */
+/* Whether the call takes a path that reads the activations in its own layout (AMX, or VNNI for
+ * INT4 at one token): then xb must hold hm_build_amx_xb's layout of xp. */
+static inline int hm_xb_applies(const hm_weight *w, int T) { return hm_int4_vnni_applies(w, T) || hm_amx_applies(w, T); }
+
+/* Words of the activation buffer that path needs. */
 static inline size_t hm_amx_xb_words(const hm_weight *w, int T) {
+    if (hm_int4_vnni_applies(w, T)) return hm_vnni_xb_words(w->cols, w->group);
     if (w->fmt != HM_INT4) return (size_t)T * (size_t)(w->cols / 2);
     if (hm_int4_amx8_applies(w, T)) return hm_amx8_xb_words(w->cols, w->group, T);
     /* B tiles, then 136 x the group sums, laid out like C's columns block by block */
@@ -245,9 +251,10 @@ static inline size_t hm_amx_xb_words(const hm_weight *w, int T) {
 }
 
 /* xp (hm_prepare_x_avx512's order) -> xb (hm_amx_xb_words(w, T) words) in the layout that
- * hm_gemv_rows_avx512's AMX kernel for w and T reads. */
+ * hm_gemv_rows_avx512's kernel for w and T reads (see hm_xb_applies). */
 static void hm_build_amx_xb(const hm_weight *w, const uint16_t *xp, int T, uint32_t *xb) {
-    if (w->fmt == HM_INT4 && hm_int4_amx8_applies(w, T)) hm_build_xb_int4_i8(xp, T, w->cols, w->group, xb);
+    if (hm_int4_vnni_applies(w, T)) hm_build_xb_int4_vnni(xp, w->cols, w->group, xb);
+    else if (w->fmt == HM_INT4 && hm_int4_amx8_applies(w, T)) hm_build_xb_int4_i8(xp, T, w->cols, w->group, xb);
     else if (w->fmt == HM_INT4) hm_build_xb_int4(xp, T, w->cols, w->group, xb);
     else hm_build_xb(xp, T, w->cols, xb, w->fmt == HM_FP8_B128 ? HM_FP8_AMX_XEXP : 0);
 }

@@ -345,6 +345,45 @@ static void hm_init_amx8(void) {
     }
 }
 
+/* One token's 128-column block of xp (hm_prepare_x_avx512's INT4 order) as 16-bit integers split
+ * into bytes (see above): hb[c][j], lb[c][j] for column 2j + c of the block (c = 0: the low
+ * nibbles' columns, 1: the high nibbles'), gsum[g] the sum of xi over group g (one group at
+ * groups of 128), and the block's exponent e (the activations are 2^e xi). */
+HM_AVX512 static void hm_int4_i8_block(const uint16_t *x16, int G, uint8_t hb[2][64], uint8_t lb[2][64],
+                                       float gsum[4], int *exp) {
+    const __m512i nat0 = _mm512_load_si512(hm_pw_nat[0]), nat1 = _mm512_load_si512(hm_pw_nat[1]);
+    __m512 f[2][4]; /* [parity][16 positions] as fp32, natural order */
+    __m512 amax = _mm512_setzero_ps();
+    for (int c = 0; c < 2; c++) {
+        __m512i a = _mm512_loadu_si512(x16 + 64 * c), b = _mm512_loadu_si512(x16 + 64 * c + 32);
+        __m512i n[2] = {_mm512_permutex2var_epi16(a, nat0, b), _mm512_permutex2var_epi16(a, nat1, b)};
+        for (int q = 0; q < 4; q++) {
+            __m256i h = q & 1 ? _mm512_extracti64x4_epi64(n[q >> 1], 1) : _mm512_castsi512_si256(n[q >> 1]);
+            f[c][q] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+            amax = _mm512_max_ps(amax, _mm512_abs_ps(f[c][q]));
+        }
+    }
+    const float m = _mm512_reduce_max_ps(amax);
+    int e = 0;
+    if (m > 0.f) {
+        frexpf(m, &e);
+        e -= 15; /* m / 2^e < 2^15 */
+        if (ldexpf(m, -e) > (float)HM_I8_HALF) e++;
+    }
+    const __m512 ne = _mm512_set1_ps((float)-e);
+    gsum[0] = gsum[1] = gsum[2] = gsum[3] = 0.f;
+    for (int c = 0; c < 2; c++)
+        for (int q = 0; q < 4; q++) {
+            __m512i xi = _mm512_cvtps_epi32(_mm512_scalef_ps(f[c][q], ne)); /* exact scaling, nearest */
+            __m512i h = _mm512_srai_epi32(_mm512_add_epi32(xi, _mm512_set1_epi32(128)), 8);
+            __m512i l = _mm512_sub_epi32(xi, _mm512_slli_epi32(h, 8));
+            _mm_storeu_si128((__m128i *)(hb[c] + 16 * q), _mm512_cvtepi32_epi8(h));
+            _mm_storeu_si128((__m128i *)(lb[c] + 16 * q), _mm512_cvtepi32_epi8(l));
+            gsum[G == 4 ? q : 0] += (float)_mm512_reduce_add_epi32(xi); /* positions 16q.. = group q */
+        }
+    *exp = e;
+}
+
 /* xp [T][cols] (hm_prepare_x_avx512's INT4 order) -> hm_rows16_int4_amx8's B tiles and column
  * weights and offsets. */
 HM_AVX512 static void hm_build_xb_int4_i8(const uint16_t *xp, int T, int64_t cols, int group, uint32_t *xb) {
@@ -352,40 +391,12 @@ HM_AVX512 static void hm_build_xb_int4_i8(const uint16_t *xp, int T, int64_t col
     const int64_t nb = cols / 128;
     float *W = (float *)(xb + nb * 32 * NC), *O = W + nb * NC;
     memset(xb, 0, sizeof(uint32_t) * hm_amx8_xb_words(cols, group, T));
-    const __m512i nat0 = _mm512_load_si512(hm_pw_nat[0]), nat1 = _mm512_load_si512(hm_pw_nat[1]);
     for (int t = 0; t < T; t++)
         for (int64_t k = 0; k < nb; k++) {
-            const uint16_t *x16 = xp + (int64_t)t * cols + k * 128;
-            __m512 f[2][4]; /* [parity = A chunk][16 positions] as fp32, natural order */
-            __m512 amax = _mm512_setzero_ps();
-            for (int c = 0; c < 2; c++) {
-                __m512i a = _mm512_loadu_si512(x16 + 64 * c), b = _mm512_loadu_si512(x16 + 64 * c + 32);
-                __m512i n[2] = {_mm512_permutex2var_epi16(a, nat0, b), _mm512_permutex2var_epi16(a, nat1, b)};
-                for (int q = 0; q < 4; q++) {
-                    __m256i h = q & 1 ? _mm512_extracti64x4_epi64(n[q >> 1], 1) : _mm512_castsi512_si256(n[q >> 1]);
-                    f[c][q] = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-                    amax = _mm512_max_ps(amax, _mm512_abs_ps(f[c][q]));
-                }
-            }
-            const float m = _mm512_reduce_max_ps(amax);
-            int e = 0;
-            if (m > 0.f) {
-                frexpf(m, &e);
-                e -= 15; /* m / 2^e < 2^15 */
-                if (ldexpf(m, -e) > (float)HM_I8_HALF) e++;
-            }
-            const __m512 ne = _mm512_set1_ps((float)-e);
             uint8_t hb[2][64], lb[2][64];
-            float gsum[4] = {0.f, 0.f, 0.f, 0.f};
-            for (int c = 0; c < 2; c++)
-                for (int q = 0; q < 4; q++) {
-                    __m512i xi = _mm512_cvtps_epi32(_mm512_scalef_ps(f[c][q], ne)); /* exact scaling, nearest */
-                    __m512i h = _mm512_srai_epi32(_mm512_add_epi32(xi, _mm512_set1_epi32(128)), 8);
-                    __m512i l = _mm512_sub_epi32(xi, _mm512_slli_epi32(h, 8));
-                    _mm_storeu_si128((__m128i *)(hb[c] + 16 * q), _mm512_cvtepi32_epi8(h));
-                    _mm_storeu_si128((__m128i *)(lb[c] + 16 * q), _mm512_cvtepi32_epi8(l));
-                    gsum[G == 4 ? q : 0] += (float)_mm512_reduce_add_epi32(xi); /* positions 16q.. = group q */
-                }
+            float gsum[4];
+            int e;
+            hm_int4_i8_block(xp + (int64_t)t * cols + k * 128, G, hb, lb, gsum, &e);
             const float sx = ldexpf(1.f, e);
             uint32_t *bk = xb + k * 32 * NC;
             for (int piece = 0; piece < 2; piece++)

@@ -36,11 +36,11 @@ static void hm_prepare_x(int variant, int fmt, const float *x, int T, int64_t in
     hm_prepare_x_generic(x, T, in, (float *)xp);
 }
 
-/* For the AMX path: xp's activations in AMX's layout, in a new buffer (NULL when AMX does not
- * apply, or memory ran out: the AVX-512 path then runs). */
+/* For the AMX paths (and VNNI for INT4 at one token): xp's activations in that path's layout, in
+ * a new buffer (NULL when none applies, or memory ran out: the AVX-512 path then runs). */
 static uint32_t *hm_amx_xb(int variant, const hm_weight *w, const void *xp, int T) {
 #if defined(__x86_64__)
-    if (variant != HM_AVX512_BF16 || !hm_amx_applies(w, T)) return NULL;
+    if (variant != HM_AVX512_BF16 || !hm_xb_applies(w, T)) return NULL;
     uint32_t *xb = malloc(sizeof(uint32_t) * hm_amx_xb_words(w, T));
     if (xb) hm_build_amx_xb(w, (const uint16_t *)xp, T, xb);
     return xb;
@@ -50,7 +50,7 @@ static uint32_t *hm_amx_xb(int variant, const hm_weight *w, const void *xp, int 
 #endif
 }
 
-/* xb: NULL, or (avx512_bf16 with AMX) the activations in AMX's layout, see hm_amx_xb. */
+/* xb: NULL, or (avx512_bf16 with AMX or VNNI) the activations in that path's layout, see hm_amx_xb. */
 static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, const uint32_t *xb, int T, float *y,
                          int64_t ldy, int64_t r0, int64_t r1) {
 #if defined(__x86_64__)
@@ -66,7 +66,9 @@ static void hm_gemv(int variant, const hm_weight *w, const float *x, int T, floa
     hm_prepare_x(variant, w->fmt, x, T, w->cols, xp);
     uint32_t *xb = hm_amx_xb(variant, w, xp, T);
     int64_t tiles = (w->rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
-#pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
+    /* guided: each thread takes long runs of consecutive tiles first (its reads stay one linear
+     * stream, which the prefetchers keep ahead of), then shorter ones to even out the end */
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
     for (int64_t i = 0; i < tiles; i++) {
         int64_t r0 = i * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < w->rows ? r0 + HM_ROWS_PER_TILE : w->rows;
         hm_gemv_rows(variant, w, xp, xb, T, y, w->rows, r0, r1);
@@ -148,7 +150,7 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
     uint32_t **xbg = calloc((size_t)na + 1, sizeof(uint32_t *)), **xbd = calloc((size_t)na + 1, sizeof(uint32_t *));
 #pragma omp parallel num_threads(nthreads)
     {
-        /* 0: for the AMX path, each active expert's activations in AMX's layout (NULL: not used). */
+        /* 0: for the AMX and VNNI paths, each active expert's activations in their layout (NULL: not used). */
 #pragma omp for schedule(dynamic, 1)
         for (int a = 0; a < (xbg ? na : 0); a++) {
             hm_weight wg = hm_expert(gate, act[a]);

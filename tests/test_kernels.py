@@ -104,13 +104,19 @@ def test_moe_forward_matches_reference(variant, fmt, tokens):
 AMX = pytest.mark.skipif(not _kernels.amx_available(), reason="this CPU (or OS) offers no AMX-BF16")
 
 
+VNNI = pytest.mark.skipif(not _kernels.vnni_available(), reason="this CPU has no AVX512-VNNI")
+
+
 @pytest.fixture
 def amx_switch():
-    """Run with AMX on, then off; leaves it (and AMX-INT8 for INT4) as it was."""
-    was, was8 = _kernels.amx_enabled(), _kernels.amx_int8_enabled()
+    """Run with AMX on, then off; leaves it (and AMX-INT8 and VNNI for INT4) as it was. INT4 at one
+    token takes VNNI before AMX, so VNNI is off unless a test switches it on."""
+    was, was8, was_vnni = _kernels.amx_enabled(), _kernels.amx_int8_enabled(), _kernels.vnni_enabled()
+    _kernels.set_vnni(False)
     yield _kernels.set_amx
     _kernels.set_amx(was)
     _kernels.set_amx_int8(was8)
+    _kernels.set_vnni(was_vnni)
 
 
 @AMX
@@ -176,6 +182,44 @@ def test_amx_int4_offsets_with_biased_activations(amx_switch, fmt, tokens, int8)
         _kernels.set_amx_int8(int8)
         y = api.gemv(x, w, variant="avx512_bf16", threads=2).double()
         assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-4
+
+
+@VNNI
+@pytest.mark.parametrize("fmt", ["int4_g128", "int4_g32"])
+def test_int4_vnni_matches_reference(amx_switch, fmt):
+    """INT4 at one token through VNNI: against the reference and the AVX-512 path, over shapes
+    with ragged row counts, and activations far from zero mean or spread over eight decades
+    within a block (the per-group offset and the 16-bit split are then as hard as they get)."""
+    g = torch.Generator().manual_seed(5)
+    amx_switch(False)
+    for shape in [(256, 512), (200, 384), (16, 128), (7, 1024)]:
+        w = _q(torch.randn(shape, generator=g) * 0.05, fmt)
+        cols = shape[1]
+        spread = torch.randn(1, cols, generator=g) * torch.logspace(-6, 2, cols)[torch.randperm(cols, generator=g)]
+        for x in (torch.randn(1, cols, generator=g), 100 + torch.randn(1, cols, generator=g), spread):
+            ref = x.bfloat16().double() @ dequantize(w).double().T
+            _kernels.set_vnni(True)
+            y_vnni = api.gemv(x, w, variant="avx512_bf16", threads=2).double()
+            _kernels.set_vnni(False)
+            y_avx = api.gemv(x, w, variant="avx512_bf16", threads=2).double()
+            for y in (y_vnni, y_avx):
+                assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-4, shape
+            assert not torch.equal(y_vnni, y_avx)  # it did take another path
+
+
+@VNNI
+def test_int4_vnni_moe_matches_reference(amx_switch):
+    """The whole-layer call at one token (every active expert then has one token: the VNNI path)."""
+    for fmt in ("int4_g128", "int4_g32"):
+        gate, up, down = _experts(fmt, I=128, seed=6)
+        g = torch.Generator().manual_seed(6)
+        x = torch.randn(1, 256, generator=g)
+        ids, weights = torch.randperm(6, generator=g)[:3][None], torch.rand(1, 3, generator=g)
+        ref = RoutedExperts(gate, up, down)(x.bfloat16().float(), ids, weights)
+        amx_switch(False)
+        _kernels.set_vnni(True)
+        out = api.moe_forward(x, ids, weights, gate, up, down, variant="avx512_bf16", threads=2)
+        assert (out - ref).abs().max() / ref.abs().max() < 1e-2
 
 
 @AMX

@@ -1,0 +1,99 @@
+/* INT4 at one token through AVX-512 VNNI (included by gemv_amx.h, after the AMX-INT8 kernel whose
+ * activation split it shares).
+ *
+ * At one token the tile paths spend their time writing decoded weights out and loading them back
+ * into tiles, and the tile unit does one token's products no faster than a vector port. Here a
+ * row is read once, front to back: each 64-byte chunk (128 columns, one block) gives its low and
+ * high nibbles n = q + 8 with an AND and a shift, and VPDPBUSD multiplies them, as unsigned bytes,
+ * by the activations split into signed bytes xi = 256 h + l (hm_int4_i8_block): four VPDPBUSD
+ * per 128 weights, exact in int32, no shuffles. Per block the int32 sums are converted and scaled
+ * by group scale x 2^e; the offset 8 sum(xi) of each group is taken off once per row, as a dot
+ * product of the row's scales with the groups' offsets.
+ *
+ * Rows are contiguous, so the weights stream linearly; they are prefetched into L2, not L1: a
+ * prefetch into L1 holds one of the core's few line-fill buffers until DRAM answers, which caps
+ * the reads in flight (measured: 0.6 of the bandwidth into L1 at any distance, 0.9 into L2). */
+#ifndef HYBRIDMOE_GEMV_INT4_VNNI_H
+#define HYBRIDMOE_GEMV_INT4_VNNI_H
+
+#define HM_VNNI __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,avx512vnni")))
+#define HM_VNNI_PREFETCH 4096 /* bytes ahead, into L2 */
+
+static int hm_vnni_available = 0; /* AVX512-VNNI */
+static int hm_vnni_enabled = 0;   /* ... and INT4 at one token may use it (HYBRIDMOE_VNNI=0, set_vnni) */
+
+static void hm_init_vnni(void) {
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(c & (1u << 11))) return;
+    hm_vnni_available = 1;
+    const char *env = getenv("HYBRIDMOE_VNNI");
+    hm_vnni_enabled = !(env && env[0] == '0');
+}
+
+static inline int hm_int4_vnni_applies(const hm_weight *w, int T) {
+    return hm_vnni_enabled && w->fmt == HM_INT4 && T == 1 && w->cols % 128 == 0;
+}
+
+/* Words of the activation buffer: per block 256 bytes (h of the low nibbles' columns, h of the
+ * high nibbles', then l of each), then per block 2^e, then per group 8 sum(xi) 2^e. */
+static inline size_t hm_vnni_xb_words(int64_t cols, int group) {
+    return (size_t)(cols / 128) * 65 + (size_t)(cols / group);
+}
+
+/* xp [1][cols] (hm_prepare_x_avx512's INT4 order) -> hm_rows_int4_vnni's activations. */
+HM_AVX512 static void hm_build_xb_int4_vnni(const uint16_t *xp, int64_t cols, int group, uint32_t *xb) {
+    const int G = hm_i8_groups(group);
+    const int64_t nb = cols / 128;
+    float *ex = (float *)(xb + nb * 64), *off = ex + nb;
+    for (int64_t k = 0; k < nb; k++) {
+        uint8_t(*hl)[2][64] = (uint8_t(*)[2][64])(xb + k * 64); /* [piece][parity][64] */
+        float gsum[4];
+        int e;
+        hm_int4_i8_block(xp + k * 128, G, hl[0], hl[1], gsum, &e);
+        ex[k] = ldexpf(1.f, e);
+        for (int g = 0; g < G; g++) off[k * G + g] = 8.f * gsum[g] * ex[k];
+    }
+}
+
+/* y[r] for rows [r0, r1), one token. */
+HM_VNNI static void hm_rows_int4_vnni(const hm_weight *w, const uint32_t *xb, float *y, int64_t r0, int64_t r1) {
+    const int64_t nb = w->cols / 128, G = w->cols / w->group, rb = w->cols / 2;
+    const float *ex = (const float *)(xb + nb * 64), *off = ex + nb;
+    const __m512i nib = _mm512_set1_epi8(0x0f);
+    const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
+    for (int64_t r = r0; r < r1; r++) {
+        const uint8_t *row = w->data + r * rb;
+        const uint16_t *sc = (const uint16_t *)w->scale + r * G;
+        __m512 tot[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+        for (int64_t k = 0; k < nb; k++) {
+            _mm_prefetch((const char *)(row + 64 * k + HM_VNNI_PREFETCH), _MM_HINT_T1);
+            const __m512i b = _mm512_loadu_si512(row + 64 * k);
+            const __m512i lo = _mm512_and_si512(b, nib), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+            const uint32_t *xk = xb + k * 64;
+            __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xk));
+            acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xk + 16));
+            acc = _mm512_slli_epi32(acc, 8);
+            acc = _mm512_dpbusd_epi32(acc, lo, _mm512_loadu_si512(xk + 32));
+            acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xk + 48));
+            __m512 s;
+            if (w->group == 128) {
+                s = _mm512_set1_ps(hm_bf16_to_f32(sc[k]) * ex[k]);
+            } else { /* 128-bit lane g holds group g's 32 columns */
+                __m128 f = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(sc + 4 * k))), 16));
+                s = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_mul_ps(f, _mm_set1_ps(ex[k]))));
+            }
+            tot[k & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, tot[k & 1]);
+        }
+        __m512 o = _mm512_setzero_ps();
+        int64_t g = 0;
+        for (; g + 16 <= G; g += 16)
+            o = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sc + g))), 16)),
+                                _mm512_loadu_ps(off + g), o);
+        float corr = _mm512_reduce_add_ps(o);
+        for (; g < G; g++) corr += hm_bf16_to_f32(sc[g]) * off[g];
+        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(tot[0], tot[1])) - corr;
+    }
+}
+
+#endif
