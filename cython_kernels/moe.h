@@ -1,7 +1,11 @@
 /* Dispatch, the threaded GEMV, and the whole-layer MoE call.
  *
- * Parallelism is over tiles of (expert, block of output rows), spread by OpenMP with a dynamic
- * schedule over every thread it is given, so that 8 active experts keep many cores busy. */
+ * Parallelism is over tiles of (expert, block of output rows), spread by OpenMP over every thread
+ * it is given, so that 8 active experts keep many cores busy. The weight-streaming loops hand
+ * tiles out guided: a thread takes long runs of consecutive tiles first, so its reads stay long
+ * linear streams and the rows a kernel prefetches past its tile are the ones it reads next
+ * (dynamic, 1 interleaved the threads' tiles: 0.55 of the bandwidth for an INT4 layer at one
+ * token against 0.74-0.94 guided, 0.87 against 0.96 for FP8). */
 #ifndef HYBRIDMOE_MOE_H
 #define HYBRIDMOE_MOE_H
 
@@ -157,7 +161,7 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
             xbg[a] = hm_amx_xb(variant, &wg, (const char *)xg + (size_t)start[a] * D * esz, (int)(start[a + 1] - start[a]));
         }
         /* 1: gate and up for every (active expert, block of I rows), then SiLU(gate) * up. */
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(guided)
         for (int64_t tile = 0; tile < (int64_t)na * it; tile++) {
             int a = (int)(tile / it);
             int64_t r0 = (tile % it) * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < I ? r0 + HM_ROWS_PER_TILE : I;
@@ -181,7 +185,7 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
         }
         /* 3: down for every block of D rows over all active experts; a tile owns its output rows. */
         float *ytmp = ytmp_all + (size_t)omp_get_thread_num() * n * HM_ROWS_PER_TILE;
-#pragma omp for schedule(dynamic, 1)
+#pragma omp for schedule(guided)
         for (int64_t tile = 0; tile < dt; tile++) {
             int64_t r0 = tile * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < D ? r0 + HM_ROWS_PER_TILE : D;
             for (int a = 0; a < na; a++) {
