@@ -79,6 +79,21 @@ HM_AVX512 static void hm_amx_store(const hm_weight *w, const uint16_t *xp, int T
     }
 }
 
+/* The first HM_AMX_NEXT_HEAD bytes of each of the next 16 rows (r0 + 16 on, rb bytes a row) into
+ * L2, spread over the nb steps of this 16-row tile: a tile reads its 16 rows side by side, so the
+ * next tile would otherwise start on 16 cold rows at once (with guided tiles, the next rows are
+ * usually this thread's next tile). On rows of 2048 FP8 weights: +8-10 % of bandwidth. */
+#define HM_AMX_NEXT_HEAD 256
+static inline __attribute__((always_inline)) void hm_prefetch_next_heads(const hm_weight *w, int64_t r0, int64_t rb,
+                                                                         int64_t k, int64_t nb) {
+    const int64_t nrows = w->rows - (r0 + 16) < 16 ? w->rows - (r0 + 16) : 16;
+    if (nrows <= 0 || k >= nb) return;
+    const char *next = (const char *)w->data + (r0 + 16) * rb;
+    const int64_t lines = nrows * (HM_AMX_NEXT_HEAD / 64), per = (lines + nb - 1) / nb;
+    for (int64_t q = k * per; q < (k + 1) * per && q < lines; q++)
+        _mm_prefetch(next + (q % nrows) * rb + (q / nrows) * 64, _MM_HINT_T1);
+}
+
 #include "gemv_amx_int4.h"
 #include "gemv_int4_vnni.h"
 
@@ -91,6 +106,7 @@ HM_AMX static void hm_rows16_bf16_amx(const hm_weight *w, const uint16_t *xp, co
     hm_amx_config(T);
     _tile_zero(0);
     for (int64_t c = 0; c < full; c += 64) {
+        hm_prefetch_next_heads(w, r0, w->cols * 2, c / 64, full / 64);
         for (int n = 0; n < 16; n++) {
             const char *p = (const char *)(rows + n * w->cols + c) + HM_AMX_PREFETCH;
             _mm_prefetch(p, _MM_HINT_T0);
@@ -184,6 +200,7 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
     for (int n = 0; n < 16; n++) tot[n] = _mm512_setzero_ps();
     const __mmask16 tm = (__mmask16)((1u << T) - 1);
     for (int64_t k = 0; k <= nb + 1; k++) {
+        hm_prefetch_next_heads(w, r0, w->cols, k, nb);
         if (k < nb) { /* decode block k */
             const int64_t c0 = k * 128;
             const int halves = c0 + 128 <= full ? 2 : 1;

@@ -133,6 +133,7 @@ HM_AMX static void hm_rows16_int4_amx(const hm_weight *w, const uint16_t *xp, co
     for (int n = 0; n < 16; n++) tot[n] = _mm512_setzero_ps();
     const __mmask16 nm = (__mmask16)((1u << N) - 1), tm = (__mmask16)((1u << T) - 1);
     for (int64_t k = 0; k <= nb + 1; k++) {
+        hm_prefetch_next_heads(w, r0, w->cols / 2, k, nb);
         if (k >= 1 && k <= nb) { /* multiply block k - 1 (the tile unit works through it while the decode runs) */
             uint16_t(*d)[16 * 32] = a[(k - 1) & 1];
             const int64_t j = (k - 1) * 4;
@@ -457,6 +458,7 @@ HM_AMX8 static void hm_rows16_int4_amx8(const hm_weight *w, const uint32_t *xb, 
     __m512 acc[16];
     for (int n = 0; n < 16; n++) acc[n] = _mm512_setzero_ps();
     for (int64_t k = 0; k <= nb + 1; k++) {
+        hm_prefetch_next_heads(w, r0, w->cols / 2, k, nb);
         if (k >= 1 && k <= nb) { /* multiply block k - 1 */
             const uint32_t *bk = xb + (k - 1) * 32 * NC;
             _tile_loadd(1, a[(k - 1) & 1][0], 64);
