@@ -2,7 +2,7 @@
 """Raw entry points into the C kernels. Pointers come in as integers from the checked Python API
 in cython_kernels.api; nothing here validates its input."""
 
-from libc.stdint cimport int64_t, uint8_t, uint16_t, uintptr_t
+from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t, uintptr_t
 
 
 cdef extern from "moe.h" nogil:
@@ -21,6 +21,7 @@ cdef extern from "moe.h" nogil:
                        int64_t E, const float *x, int T, int k, const int64_t *ids, const float *wts,
                        float *out, int nthreads)
     void hm_pin_threads(const int *cpus, int n, int nthreads)
+    uint64_t hm_read_sum(const uint64_t *p, int64_t n, int nthreads)
     void hm_dequant_fp8(const hm_weight *w, int64_t E, uint16_t *out, int nthreads)
     int hm_amx_available
     int hm_amx_enabled
@@ -123,3 +124,11 @@ def dequant_fp8(tuple w, int64_t E, uintptr_t out, int nthreads):
     cdef hm_weight hw = _weight(w)
     with nogil:
         hm_dequant_fp8(&hw, E, <uint16_t *> out, nthreads)
+
+
+def read_sum(uintptr_t p, int64_t n, int nthreads):
+    """The sum of the n bytes' 64-bit words at p (n a multiple of 8), read by nthreads threads."""
+    cdef uint64_t r
+    with nogil:
+        r = hm_read_sum(<const uint64_t *> p, n, nthreads)
+    return r

@@ -214,6 +214,30 @@ oom:
     return -1;
 }
 
+/* Sum of n bytes' 64-bit words (n a multiple of 8), read by nthreads threads in contiguous halves,
+ * prefetched into L2 ahead of each stream: the machine's memory-read bandwidth as the kernels can
+ * use it (the benchmarks' roofline; torch's sum reads about 15 % slower on the machine measured). */
+static uint64_t hm_read_sum(const uint64_t *p, int64_t n, int nthreads) {
+    uint64_t total = 0;
+    const int64_t words = n / 8;
+#pragma omp parallel for schedule(static) reduction(+ : total) num_threads(nthreads)
+    for (int64_t c = 0; c < words; c += 8192) { /* 64 KB at a time */
+        const int64_t end = c + 8192 < words ? c + 8192 : words;
+        uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        int64_t i = c;
+        for (; i + 8 <= end; i += 8) {
+            __builtin_prefetch(p + i + 512, 0, 2); /* 4 KB ahead, into L2 */
+            s0 += p[i] + p[i + 4];
+            s1 += p[i + 1] + p[i + 5];
+            s2 += p[i + 2] + p[i + 6];
+            s3 += p[i + 3] + p[i + 7];
+        }
+        for (; i < end; i++) s0 += p[i];
+        total += s0 + s1 + s2 + s3;
+    }
+    return total;
+}
+
 /* Pin the calling pool's threads: thread i to cpus[i % n]. */
 static void hm_pin_threads(const int *cpus, int n, int nthreads) {
 #pragma omp parallel num_threads(nthreads)

@@ -304,3 +304,11 @@ def test_bad_input_raises_clear_errors():
         api.moe_forward(x, torch.tensor([[0, 1], [1, 2]]), torch.rand(2, 2), gate, up, up)
     with pytest.raises(ValueError, match="not a kernel variant|not supported"):
         api.gemv(x, w, variant="sse9")
+
+
+def test_read_sum_is_exact_over_sizes_and_threads():
+    """The benchmarks' bandwidth reader: every word counted once, tails and all, whatever the split."""
+    b = torch.arange(100_000, dtype=torch.int64)
+    for n in (0, 1, 7, 8, 999, 8191, 8192, 8193, 99_999):
+        for threads in (1, 2, 3):
+            assert _kernels.read_sum(b.data_ptr(), 8 * n, threads) == b[:n].sum().item()
