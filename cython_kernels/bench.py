@@ -101,11 +101,13 @@ def bench_moe(fmt: str, E: int, I: int, D: int, top_k: int, bw: float, threads: 
               variant: str) -> list[dict]:
     g = torch.Generator().manual_seed(1)
 
-    def w(*shape):
-        t = torch.randn(shape, generator=g) * shape[-1] ** -0.5
-        return quantize(t.bfloat16() if fmt == "dense" else t, fmt)
+    def w(rows, cols):  # one expert's weight repeated E times: the values do not matter, the bytes' places do
+        t = torch.randn(rows, cols, generator=g) * cols ** -0.5
+        one = quantize(t.bfloat16() if fmt == "dense" else t, fmt)
+        stack = lambda x: None if x is None else x[None].expand(E, *x.shape).contiguous()
+        return QuantWeight(fmt, stack(one.data), stack(one.scale), (E, rows, cols))
 
-    gate, up, down = w(E, I, D), w(E, I, D), w(E, D, I)
+    gate, up, down = w(I, D), w(I, D), w(D, I)
     per_expert = (gate.nbytes + up.nbytes + down.nbytes) / E
     rows = []
     for T in TOKENS:
@@ -140,8 +142,10 @@ def run(json_path: str | None = None, threads: int | None = None, quick: bool = 
                 print(f"gemv {fmt:10s} {name:22s} T={r['tokens']:2d} {r['us']:9.1f} us {r['gbps']:6.1f} GB/s "
                       f"{r['fraction_of_bandwidth']:5.2f} of bw  x{r['vs_torch_bf16']:.2f} torch-bf16 "
                       f"x{r['vs_torch_fp32']:.2f} torch-fp32")
-    moe_experts = 16 if quick else 32  # enough that top-8 touches a fraction, small enough for RAM
     for fmt in FORMATS[:2]:
+        # enough experts that top-8 touches a fraction and the layer is twice the last-level cache
+        per_expert = 3 * 2048 * 7168 * (1 if fmt == "fp8_b128" else 0.5)
+        moe_experts = 16 if quick else max(32, -int(-COPY_BYTES // per_expert))
         for r in bench_moe(fmt, moe_experts, 2048, 7168, 8, bw, threads, variant):
             results.append(r)
             print(f"moe  {fmt:10s} E={r['experts']} top-{r['top_k']} 2048x7168 T={r['tokens']:2d} "

@@ -28,6 +28,10 @@
 #ifndef HM_PREFETCH
 #define HM_PREFETCH 4096 /* bytes ahead of the weight stream: hides DRAM latency behind the decode */
 #endif
+/* Into L2: a prefetch into L1 holds one of the core's few line-fill buffers until DRAM answers,
+ * which caps the reads in flight (a BF16 row stream: 0.85 of the bandwidth into L1, 0.95 into L2;
+ * rows of 2048: 0.65 against 0.87). */
+#define HM_ROW_HINT _MM_HINT_T1
 
 static uint8_t hm_fp8_bf16_lo[128] __attribute__((aligned(64)));
 static uint8_t hm_fp8_bf16_hi[128] __attribute__((aligned(64)));
@@ -174,7 +178,7 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_row_fp8_nt(
     __m512 total[HM_TB], b0[HM_TB], b1[HM_TB];
     for (int t = 0; t < nt; t++) total[t] = b0[t] = b1[t] = _mm512_setzero_ps();
     for (int64_t c = 0; c < full; c += 64) {
-        _mm_prefetch((const char *)(row + c + HM_PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(row + c + HM_PREFETCH), HM_ROW_HINT);
         __m512i b = _mm512_loadu_si512(row + c);
         __m512i lo = _mm512_permutex2var_epi8(lo_a, b, lo_b);
         __m512i hi = _mm512_ternarylogic_epi32(sign, b, _mm512_permutex2var_epi8(hi_a, b, hi_b), 0xCA);
@@ -218,7 +222,7 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_row_int4_nt(
     __m512 total[HM_TB];
     for (int t = 0; t < nt; t++) total[t] = _mm512_setzero_ps();
     for (int64_t c = 0; c < full; c += 128) {
-        _mm_prefetch((const char *)(row + c / 2 + HM_PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(row + c / 2 + HM_PREFETCH), HM_ROW_HINT);
         __m512i b = _mm512_loadu_si512(row + c / 2);
         __m512i ql = _mm512_and_si512(b, nib), qh = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
         __m512i ll = _mm512_shuffle_epi8(tlo, ql), lh = _mm512_shuffle_epi8(thi, ql);
@@ -250,8 +254,8 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_row_bf16_nt(
     for (int t = 0; t < nt; t++) a0[t] = a1[t] = _mm512_setzero_ps();
     int64_t c = 0;
     for (; c + 64 <= w->cols; c += 64) {
-        _mm_prefetch((const char *)(row + c) + HM_PREFETCH, _MM_HINT_T0);
-        _mm_prefetch((const char *)(row + c) + HM_PREFETCH + 64, _MM_HINT_T0);
+        _mm_prefetch((const char *)(row + c) + HM_PREFETCH, HM_ROW_HINT);
+        _mm_prefetch((const char *)(row + c) + HM_PREFETCH + 64, HM_ROW_HINT);
         __m512i v0 = _mm512_loadu_si512(row + c), v1 = _mm512_loadu_si512(row + c + 32);
         for (int t = 0; t < nt; t++) {
             const uint16_t *xt = xp + (int64_t)(t0 + t) * w->cols + c;

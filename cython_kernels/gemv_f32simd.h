@@ -69,7 +69,7 @@ HM_TGT static inline __attribute__((always_inline)) void HM_SFX(hm_row_fp8_nt)(
     hm_v total[HM_TBV], acc[HM_TBV];
     for (int t = 0; t < nt; t++) total[t] = acc[t] = hm_v_zero();
     for (int64_t c = 0; c < full; c += HM_VW) {
-        if ((c & 63) == 0) _mm_prefetch((const char *)(row + c + HM_PREFETCH), _MM_HINT_T0);
+        if ((c & 63) == 0) _mm_prefetch((const char *)(row + c + HM_PREFETCH), HM_ROW_HINT);
         hm_v wv = HM_SFX(hm_fp8_f32)(hm_vi_load_u8(row + c));
         for (int t = 0; t < nt; t++) acc[t] = hm_v_fmadd(wv, hm_v_loadu(xp + (int64_t)(t0 + t) * w->cols + c), acc[t]);
         if (((c + HM_VW) & 127) == 0 || c + HM_VW == full) { /* end of a 128-column scale block */
@@ -89,7 +89,7 @@ HM_TGT static inline __attribute__((always_inline)) void HM_SFX(hm_row_int4_nt)(
     for (int t = 0; t < nt; t++) total[t] = acc[t] = hm_v_zero();
     /* cols is a multiple of the group (32 or 128), hence of the 2 * HM_VW columns of a step */
     for (int64_t c = 0; c < w->cols; c += 2 * HM_VW) {
-        if ((c & 127) == 0) _mm_prefetch((const char *)(row + c / 2 + HM_PREFETCH), _MM_HINT_T0);
+        if ((c & 127) == 0) _mm_prefetch((const char *)(row + c / 2 + HM_PREFETCH), HM_ROW_HINT);
         hm_vi b = hm_vi_load_u8(row + c / 2);
         hm_v we = hm_vi_to_v(hm_vi_sub(hm_vi_and(b, nib), eight));
         hm_v wo = hm_vi_to_v(hm_vi_sub(hm_vi_srli(b, 4), eight));
@@ -112,7 +112,7 @@ HM_TGT static inline __attribute__((always_inline)) void HM_SFX(hm_row_bf16_nt)(
     hm_v total[HM_TBV];
     for (int t = 0; t < nt; t++) total[t] = hm_v_zero();
     for (int64_t c = 0; c < full; c += HM_VW) {
-        if ((c & 31) == 0) _mm_prefetch((const char *)(row + c) + HM_PREFETCH, _MM_HINT_T0);
+        if ((c & 31) == 0) _mm_prefetch((const char *)(row + c) + HM_PREFETCH, HM_ROW_HINT);
         hm_v wv = hm_vi_as_v(hm_vi_slli(hm_vi_load_u16(row + c), 16));
         for (int t = 0; t < nt; t++) total[t] = hm_v_fmadd(wv, hm_v_loadu(xp + (int64_t)(t0 + t) * w->cols + c), total[t]);
     }
