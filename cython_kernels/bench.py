@@ -11,6 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,7 +30,7 @@ def _last_level_cache_bytes() -> int:
     best = 0
     for f in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
         try:
-            text = open(f).read().strip()
+            text = Path(f).read_text().strip()
         except OSError:
             continue
         units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -58,12 +59,11 @@ def _time(fn, copies: int, min_seconds: float = 0.3) -> float:
 
 
 def memory_bandwidth(threads: int) -> float:
-    """GB/s read from 1 GiB with all threads, best of three by two readers (the roofline the
-    kernels are held to; the best, because a shared machine's noise only ever lowers it): torch's
-    sum, and a plain C sum whose streams are prefetched into L2 as the kernels' are, which read
-    about 15 % faster on the machine these figures come from. The buffer is not reused by the
-    problems, and a server's L3 can hold a good part of it: the best of three passes over twice
-    the last-level cache, if that is more than 1 GiB."""
+    """GB/s read with all threads from a buffer of 1 GiB or twice the last-level cache, whichever
+    is larger: the best of three passes by each of two readers, torch's sum and a plain C sum
+    prefetched into L2 as the kernels are (7-15 % faster than torch's on the machine these figures
+    come from). This is the roofline the kernels are held to; the best, because a shared
+    machine's noise only ever lowers it."""
     torch.set_num_threads(threads)
     buf = torch.ones(max(1 << 27, 2 * _last_level_cache_bytes() // 8), dtype=torch.int64)
     n = buf.numel() * 8
