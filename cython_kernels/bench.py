@@ -101,10 +101,12 @@ def bench_moe(fmt: str, E: int, I: int, D: int, top_k: int, bw: float, threads: 
               variant: str) -> list[dict]:
     g = torch.Generator().manual_seed(1)
 
+    def stack(x: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x is None else x[None].expand(E, *x.shape).contiguous()
+
     def w(rows, cols):  # one expert's weight repeated E times: the values do not matter, the bytes' places do
         t = torch.randn(rows, cols, generator=g) * cols ** -0.5
         one = quantize(t.bfloat16() if fmt == "dense" else t, fmt)
-        stack = lambda x: None if x is None else x[None].expand(E, *x.shape).contiguous()
         return QuantWeight(fmt, stack(one.data), stack(one.scale), (E, rows, cols))
 
     gate, up, down = w(I, D), w(I, D), w(D, I)
