@@ -206,8 +206,9 @@ HM_AVX512 static void hm_row_fp8(const hm_weight *w, int64_t r, const uint16_t *
 
 /* Rows [r, r + 4) at one token (r a multiple of 4, so that they share a 128-row scale block).
  * One row at a time, each 64 weights cost two activation loads and each row ends in a horizontal
- * sum; four rows side by side share both, and their 4 x cols bytes stream as one linear run. The
- * decode of one token on CPUs without AMX, and on rows too short for it. */
+ * sum; four rows side by side share both. While a group runs, the next group's bytes are
+ * prefetched front to back, as fast as this group's are read. The decode of one token on CPUs
+ * without AMX, and on rows too short for it. */
 HM_AVX512 static void hm_rows4_fp8_t1(const hm_weight *w, int64_t r, const uint16_t *xp, float *y) {
     const __m512i lo_a = _mm512_load_si512(hm_fp8_bf16_lo), lo_b = _mm512_load_si512(hm_fp8_bf16_lo + 64);
     const __m512i hi_a = _mm512_load_si512(hm_fp8_bf16_hi), hi_b = _mm512_load_si512(hm_fp8_bf16_hi + 64);
@@ -218,7 +219,7 @@ HM_AVX512 static void hm_rows4_fp8_t1(const hm_weight *w, int64_t r, const uint1
     __m512 total[4], b0[4], b1[4];
     for (int i = 0; i < 4; i++) total[i] = b0[i] = b1[i] = _mm512_setzero_ps();
     for (int64_t c = 0; c < full; c += 64) {
-        const char *pf = (const char *)rows + 4 * c + HM_PREFETCH; /* the group's bytes, linearly */
+        const char *pf = (const char *)rows + 4 * w->cols + 4 * c; /* the next group's bytes, front to back */
         for (int q = 0; q < 4; q++) _mm_prefetch(pf + 64 * q, HM_ROW_HINT);
         const __m512i x0 = _mm512_loadu_si512(xp + c), x1 = _mm512_loadu_si512(xp + c + 32);
         for (int i = 0; i < 4; i++) {

@@ -56,45 +56,61 @@ HM_AVX512 static void hm_build_xb_int4_vnni(const uint16_t *xp, int64_t cols, in
     }
 }
 
-/* y[r] for rows [r0, r1), one token. */
-HM_VNNI static void hm_rows_int4_vnni(const hm_weight *w, const uint32_t *xb, float *y, int64_t r0, int64_t r1) {
+/* y[r] for rows [r0, r1), one token, rows side by side in groups of up to four: they share each
+ * chunk's activation loads (256 bytes per 64 weight bytes). While a group runs, the next group's
+ * bytes are prefetched front to back, one line per row and chunk. */
+HM_VNNI static inline __attribute__((always_inline)) void hm_rows_int4_vnni_n(const hm_weight *w, const uint32_t *xb,
+                                                                             float *y, int64_t r, const int nr) {
     const int64_t nb = w->cols / 128, G = w->cols / w->group, rb = w->cols / 2;
     const float *ex = (const float *)(xb + nb * 64), *off = ex + nb;
     const __m512i nib = _mm512_set1_epi8(0x0f);
     const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    for (int64_t r = r0; r < r1; r++) {
-        const uint8_t *row = w->data + r * rb;
-        const uint16_t *sc = (const uint16_t *)w->scale + r * G;
-        __m512 tot[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
-        for (int64_t k = 0; k < nb; k++) {
-            _mm_prefetch((const char *)(row + 64 * k + HM_VNNI_PREFETCH), _MM_HINT_T1);
-            const __m512i b = _mm512_loadu_si512(row + 64 * k);
+    const uint8_t *rows = w->data + r * rb;
+    const uint16_t *sc = (const uint16_t *)w->scale + r * G;
+    __m512 tot[4][2];
+    for (int i = 0; i < nr; i++) tot[i][0] = tot[i][1] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < nb; k++) {
+        for (int q = 0; q < nr; q++) /* the next group's bytes, linearly, as fast as this group's are read */
+            _mm_prefetch((const char *)rows + nr * rb + nr * 64 * k + 64 * q, _MM_HINT_T1);
+        const uint32_t *xk = xb + k * 64;
+        const __m512i xeh = _mm512_loadu_si512(xk), xoh = _mm512_loadu_si512(xk + 16);
+        const __m512i xel = _mm512_loadu_si512(xk + 32), xol = _mm512_loadu_si512(xk + 48);
+        for (int i = 0; i < nr; i++) {
+            const __m512i b = _mm512_loadu_si512(rows + i * rb + 64 * k);
             const __m512i lo = _mm512_and_si512(b, nib), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
-            const uint32_t *xk = xb + k * 64;
-            __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xk));
-            acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xk + 16));
+            __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, xeh);
+            acc = _mm512_dpbusd_epi32(acc, hi, xoh);
             acc = _mm512_slli_epi32(acc, 8);
-            acc = _mm512_dpbusd_epi32(acc, lo, _mm512_loadu_si512(xk + 32));
-            acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xk + 48));
+            acc = _mm512_dpbusd_epi32(acc, lo, xel);
+            acc = _mm512_dpbusd_epi32(acc, hi, xol);
+            const uint16_t *si = sc + i * G;
             __m512 s;
             if (w->group == 128) {
-                s = _mm512_set1_ps(hm_bf16_to_f32(sc[k]) * ex[k]);
+                s = _mm512_set1_ps(hm_bf16_to_f32(si[k]) * ex[k]);
             } else { /* 128-bit lane g holds group g's 32 columns */
-                __m128 f = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(sc + 4 * k))), 16));
+                __m128 f = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)(si + 4 * k))), 16));
                 s = _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(_mm_mul_ps(f, _mm_set1_ps(ex[k]))));
             }
-            tot[k & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, tot[k & 1]);
+            tot[i][k & 1] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, tot[i][k & 1]);
         }
+    }
+    for (int i = 0; i < nr; i++) {
+        const uint16_t *si = sc + i * G;
         __m512 o = _mm512_setzero_ps();
         int64_t g = 0;
         for (; g + 16 <= G; g += 16)
             o = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sc + g))), 16)),
+                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(si + g))), 16)),
                                 _mm512_loadu_ps(off + g), o);
         float corr = _mm512_reduce_add_ps(o);
-        for (; g < G; g++) corr += hm_bf16_to_f32(sc[g]) * off[g];
-        y[r] = _mm512_reduce_add_ps(_mm512_add_ps(tot[0], tot[1])) - corr;
+        for (; g < G; g++) corr += hm_bf16_to_f32(si[g]) * off[g];
+        y[r + i] = _mm512_reduce_add_ps(_mm512_add_ps(tot[i][0], tot[i][1])) - corr;
     }
+}
+
+HM_VNNI static void hm_rows_int4_vnni(const hm_weight *w, const uint32_t *xb, float *y, int64_t r0, int64_t r1) {
+    for (; r0 + 4 <= r1; r0 += 4) hm_rows_int4_vnni_n(w, xb, y, r0, 4);
+    for (; r0 < r1; r0++) hm_rows_int4_vnni_n(w, xb, y, r0, 1);
 }
 
 #endif
