@@ -312,3 +312,18 @@ def test_read_sum_is_exact_over_sizes_and_threads():
     for n in (0, 1, 7, 8, 999, 8191, 8192, 8193, 99_999):
         for threads in (1, 2, 3):
             assert _kernels.read_sum(b.data_ptr(), 8 * n, threads) == b[:n].sum().item()
+
+
+@pytest.mark.skipif("avx512_bf16" not in cython_kernels.supported_variants(), reason="needs AVX-512 BF16")
+@pytest.mark.parametrize("rows", [1, 5, 13, 37, 132])
+def test_fp8_one_token_row_groups(amx_switch, rows):
+    """At one token FP8 rows go four at a time where they can (sharing a 128-row scale block),
+    one at a time for the rest: row counts that leave every remainder, across a scale-block edge."""
+    g = torch.Generator().manual_seed(rows)
+    amx_switch(False)
+    for cols in (300, 768, 1090):
+        w = _q(torch.randn(rows, cols, generator=g), "fp8_b128")
+        x = torch.randn(1, cols, generator=g)
+        ref = x.bfloat16().double() @ dequantize(w).double().T
+        y = api.gemv(x, w, variant="avx512_bf16", threads=2).double()
+        assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5, cols
