@@ -166,12 +166,31 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_store_row(
     }
 }
 
+/* The FP8 decode's tables in registers, and 64 e4m3 bytes -> two vectors of 32 bf16 (in the
+ * permutation hm_prepare_x_avx512 lays the activations out in). */
+typedef struct {
+    __m512i lo_a, lo_b, hi_a, hi_b, sign;
+} hm_fp8_tables;
+
+HM_AVX512 static inline __attribute__((always_inline)) hm_fp8_tables hm_fp8_tables_load(void) {
+    hm_fp8_tables t = {_mm512_load_si512(hm_fp8_bf16_lo), _mm512_load_si512(hm_fp8_bf16_lo + 64),
+                       _mm512_load_si512(hm_fp8_bf16_hi), _mm512_load_si512(hm_fp8_bf16_hi + 64),
+                       _mm512_set1_epi8((char)0x80)};
+    return t;
+}
+
+HM_AVX512 static inline __attribute__((always_inline)) void hm_fp8_decode64(const hm_fp8_tables *t, __m512i b,
+                                                                           __m512i *w0, __m512i *w1) {
+    __m512i lo = _mm512_permutex2var_epi8(t->lo_a, b, t->lo_b);
+    __m512i hi = _mm512_ternarylogic_epi32(t->sign, b, _mm512_permutex2var_epi8(t->hi_a, b, t->hi_b), 0xCA);
+    *w0 = _mm512_unpacklo_epi8(lo, hi);
+    *w1 = _mm512_unpackhi_epi8(lo, hi);
+}
+
 /* One row, tokens [t0, t0 + nt): inlined with nt a constant so that the sums stay in registers. */
 HM_AVX512 static inline __attribute__((always_inline)) void hm_row_fp8_nt(
         const hm_weight *w, int64_t r, const uint16_t *xp, int t0, const int nt, float *y, int64_t ldy) {
-    const __m512i lo_a = _mm512_load_si512(hm_fp8_bf16_lo), lo_b = _mm512_load_si512(hm_fp8_bf16_lo + 64);
-    const __m512i hi_a = _mm512_load_si512(hm_fp8_bf16_hi), hi_b = _mm512_load_si512(hm_fp8_bf16_hi + 64);
-    const __m512i sign = _mm512_set1_epi8((char)0x80);
+    const hm_fp8_tables tab = hm_fp8_tables_load();
     const uint8_t *row = w->data + r * w->cols;
     const float *sc = (const float *)w->scale + (r / 128) * ((w->cols + 127) / 128);
     const int64_t full = w->cols / 64 * 64;
@@ -179,10 +198,8 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_row_fp8_nt(
     for (int t = 0; t < nt; t++) total[t] = b0[t] = b1[t] = _mm512_setzero_ps();
     for (int64_t c = 0; c < full; c += 64) {
         _mm_prefetch((const char *)(row + c + HM_PREFETCH), HM_ROW_HINT);
-        __m512i b = _mm512_loadu_si512(row + c);
-        __m512i lo = _mm512_permutex2var_epi8(lo_a, b, lo_b);
-        __m512i hi = _mm512_ternarylogic_epi32(sign, b, _mm512_permutex2var_epi8(hi_a, b, hi_b), 0xCA);
-        __m512i w0 = _mm512_unpacklo_epi8(lo, hi), w1 = _mm512_unpackhi_epi8(lo, hi);
+        __m512i w0, w1;
+        hm_fp8_decode64(&tab, _mm512_loadu_si512(row + c), &w0, &w1);
         for (int t = 0; t < nt; t++) {
             const uint16_t *xt = xp + (int64_t)(t0 + t) * w->cols + c;
             b0[t] = hm_dp(b0[t], w0, _mm512_loadu_si512(xt));
@@ -210,9 +227,7 @@ HM_AVX512 static void hm_row_fp8(const hm_weight *w, int64_t r, const uint16_t *
  * prefetched front to back, as fast as this group's are read. The decode of one token on CPUs
  * without AMX, and on rows too short for it. */
 HM_AVX512 static void hm_rows4_fp8_t1(const hm_weight *w, int64_t r, const uint16_t *xp, float *y) {
-    const __m512i lo_a = _mm512_load_si512(hm_fp8_bf16_lo), lo_b = _mm512_load_si512(hm_fp8_bf16_lo + 64);
-    const __m512i hi_a = _mm512_load_si512(hm_fp8_bf16_hi), hi_b = _mm512_load_si512(hm_fp8_bf16_hi + 64);
-    const __m512i sign = _mm512_set1_epi8((char)0x80);
+    const hm_fp8_tables tab = hm_fp8_tables_load();
     const uint8_t *rows = w->data + r * w->cols;
     const float *sc = (const float *)w->scale + (r / 128) * ((w->cols + 127) / 128);
     const int64_t full = w->cols / 64 * 64;
@@ -223,11 +238,10 @@ HM_AVX512 static void hm_rows4_fp8_t1(const hm_weight *w, int64_t r, const uint1
         for (int q = 0; q < 4; q++) _mm_prefetch(pf + 64 * q, HM_ROW_HINT);
         const __m512i x0 = _mm512_loadu_si512(xp + c), x1 = _mm512_loadu_si512(xp + c + 32);
         for (int i = 0; i < 4; i++) {
-            __m512i b = _mm512_loadu_si512(rows + i * w->cols + c);
-            __m512i lo = _mm512_permutex2var_epi8(lo_a, b, lo_b);
-            __m512i hi = _mm512_ternarylogic_epi32(sign, b, _mm512_permutex2var_epi8(hi_a, b, hi_b), 0xCA);
-            b0[i] = hm_dp(b0[i], _mm512_unpacklo_epi8(lo, hi), x0);
-            b1[i] = hm_dp(b1[i], _mm512_unpackhi_epi8(lo, hi), x1);
+            __m512i w0, w1;
+            hm_fp8_decode64(&tab, _mm512_loadu_si512(rows + i * w->cols + c), &w0, &w1);
+            b0[i] = hm_dp(b0[i], w0, x0);
+            b1[i] = hm_dp(b1[i], w1, x1);
         }
         if ((c & 127) == 64 || c + 64 == full) { /* end of a 128-column scale block */
             const __m512 s = _mm512_set1_ps(sc[c / 128]);
