@@ -97,20 +97,27 @@ def bench_gemv(fmt: str, shape: tuple[int, int], bw: float, threads: int, varian
     return rows
 
 
-def bench_moe(fmt: str, E: int, I: int, D: int, top_k: int, bw: float, threads: int,
+def bench_moe(fmt: str, E: int | None, I: int, D: int, top_k: int, bw: float, threads: int,
               variant: str) -> list[dict]:
+    """``E`` experts, or (None) enough that top-k touches a fraction (at least 32) and the layer
+    is twice the last-level cache."""
     g = torch.Generator().manual_seed(1)
 
-    def stack(x: torch.Tensor | None) -> torch.Tensor | None:
+    def w(rows, cols):
+        t = torch.randn(rows, cols, generator=g) * cols ** -0.5
+        return quantize(t.bfloat16() if fmt == "dense" else t, fmt)
+
+    one = {"gate": w(I, D), "up": w(I, D), "down": w(D, I)}
+    per_expert = sum(q.nbytes for q in one.values())
+    E = E or max(32, -(-COPY_BYTES // per_expert))
+
+    def rep(x: torch.Tensor | None) -> torch.Tensor | None:
         return None if x is None else x[None].expand(E, *x.shape).contiguous()
 
-    def w(rows, cols):  # one expert's weight repeated E times: the values do not matter, the bytes' places do
-        t = torch.randn(rows, cols, generator=g) * cols ** -0.5
-        one = quantize(t.bfloat16() if fmt == "dense" else t, fmt)
-        return QuantWeight(fmt, stack(one.data), stack(one.scale), (E, rows, cols))
+    def stack(q: QuantWeight) -> QuantWeight:  # one expert repeated E times: only where the bytes are matters
+        return QuantWeight(fmt, rep(q.data), rep(q.scale), (E, *q.shape))
 
-    gate, up, down = w(I, D), w(I, D), w(D, I)
-    per_expert = (gate.nbytes + up.nbytes + down.nbytes) / E
+    gate, up, down = stack(one["gate"]), stack(one["up"]), stack(one["down"])
     rows = []
     for T in TOKENS:
         x = torch.randn(T, D, generator=g)
@@ -145,10 +152,7 @@ def run(json_path: str | None = None, threads: int | None = None, quick: bool = 
                       f"{r['fraction_of_bandwidth']:5.2f} of bw  x{r['vs_torch_bf16']:.2f} torch-bf16 "
                       f"x{r['vs_torch_fp32']:.2f} torch-fp32")
     for fmt in FORMATS[:2]:
-        # enough experts that top-8 touches a fraction and the layer is twice the last-level cache
-        per_expert = 3 * 2048 * 7168 * (1 if fmt == "fp8_b128" else 0.5)
-        moe_experts = 16 if quick else max(32, -int(-COPY_BYTES // per_expert))
-        for r in bench_moe(fmt, moe_experts, 2048, 7168, 8, bw, threads, variant):
+        for r in bench_moe(fmt, 16 if quick else None, 2048, 7168, 8, bw, threads, variant):
             results.append(r)
             print(f"moe  {fmt:10s} E={r['experts']} top-{r['top_k']} 2048x7168 T={r['tokens']:2d} "
                   f"{r['us']:9.1f} us {r['gbps']:6.1f} GB/s {r['fraction_of_bandwidth']:5.2f} of bw")

@@ -255,11 +255,11 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
 }
 
 /* Whether the call takes a path that reads the activations in its own layout (AMX, or VNNI for
- * INT4 at one token): then xb must hold hm_build_amx_xb's layout of xp. */
+ * INT4 at one token): then xb must hold hm_build_kernel_xb's layout of xp. */
 static inline int hm_xb_applies(const hm_weight *w, int T) { return hm_int4_vnni_applies(w, T) || hm_amx_applies(w, T); }
 
 /* Words of the activation buffer that path needs. */
-static inline size_t hm_amx_xb_words(const hm_weight *w, int T) {
+static inline size_t hm_kernel_xb_words(const hm_weight *w, int T) {
     if (hm_int4_vnni_applies(w, T)) return hm_vnni_xb_words(w->cols, w->group);
     if (w->fmt != HM_INT4) return (size_t)T * (size_t)(w->cols / 2);
     if (hm_int4_amx8_applies(w, T)) return hm_amx8_xb_words(w->cols, w->group, T);
@@ -267,9 +267,9 @@ static inline size_t hm_amx_xb_words(const hm_weight *w, int T) {
     return (size_t)hm_int4_amx_n(w, T) * (size_t)(w->cols / 2) + (size_t)(w->cols / 128) * 4 * (size_t)T;
 }
 
-/* xp (hm_prepare_x_avx512's order) -> xb (hm_amx_xb_words(w, T) words) in the layout that
+/* xp (hm_prepare_x_avx512's order) -> xb (hm_kernel_xb_words(w, T) words) in the layout that
  * hm_gemv_rows_avx512's kernel for w and T reads (see hm_xb_applies). */
-static void hm_build_amx_xb(const hm_weight *w, const uint16_t *xp, int T, uint32_t *xb) {
+static void hm_build_kernel_xb(const hm_weight *w, const uint16_t *xp, int T, uint32_t *xb) {
     if (hm_int4_vnni_applies(w, T)) hm_build_xb_int4_vnni(xp, w->cols, w->group, xb);
     else if (w->fmt == HM_INT4 && hm_int4_amx8_applies(w, T)) hm_build_xb_int4_i8(xp, T, w->cols, w->group, xb);
     else if (w->fmt == HM_INT4) hm_build_xb_int4(xp, T, w->cols, w->group, xb);

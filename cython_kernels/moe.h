@@ -42,11 +42,11 @@ static void hm_prepare_x(int variant, int fmt, const float *x, int T, int64_t in
 
 /* For the AMX paths (and VNNI for INT4 at one token): xp's activations in that path's layout, in
  * a new buffer (NULL when none applies, or memory ran out: the AVX-512 path then runs). */
-static uint32_t *hm_amx_xb(int variant, const hm_weight *w, const void *xp, int T) {
+static uint32_t *hm_kernel_xb(int variant, const hm_weight *w, const void *xp, int T) {
 #if defined(__x86_64__)
     if (variant != HM_AVX512_BF16 || !hm_xb_applies(w, T)) return NULL;
-    uint32_t *xb = malloc(sizeof(uint32_t) * hm_amx_xb_words(w, T));
-    if (xb) hm_build_amx_xb(w, (const uint16_t *)xp, T, xb);
+    uint32_t *xb = malloc(sizeof(uint32_t) * hm_kernel_xb_words(w, T));
+    if (xb) hm_build_kernel_xb(w, (const uint16_t *)xp, T, xb);
     return xb;
 #else
     (void)variant, (void)w, (void)xp, (void)T;
@@ -54,7 +54,7 @@ static uint32_t *hm_amx_xb(int variant, const hm_weight *w, const void *xp, int 
 #endif
 }
 
-/* xb: NULL, or (avx512_bf16 with AMX or VNNI) the activations in that path's layout, see hm_amx_xb. */
+/* xb: NULL, or (avx512_bf16 with AMX or VNNI) the activations in that path's layout, see hm_kernel_xb. */
 static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, const uint32_t *xb, int T, float *y,
                          int64_t ldy, int64_t r0, int64_t r1) {
 #if defined(__x86_64__)
@@ -68,7 +68,7 @@ static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, const 
 /* y [T][out] = W x for x [T][in]; xp is scratch for T * in prepared activations. */
 static void hm_gemv(int variant, const hm_weight *w, const float *x, int T, float *y, void *xp, int nthreads) {
     hm_prepare_x(variant, w->fmt, x, T, w->cols, xp);
-    uint32_t *xb = hm_amx_xb(variant, w, xp, T);
+    uint32_t *xb = hm_kernel_xb(variant, w, xp, T);
     int64_t tiles = (w->rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
     /* guided: each thread takes long runs of consecutive tiles first (its reads stay one linear
      * stream, which the prefetchers keep ahead of), then shorter ones to even out the end */
@@ -158,7 +158,7 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
 #pragma omp for schedule(dynamic, 1)
         for (int a = 0; a < (xbg ? na : 0); a++) {
             hm_weight wg = hm_expert(gate, act[a]);
-            xbg[a] = hm_amx_xb(variant, &wg, (const char *)xg + (size_t)start[a] * D * esz, (int)(start[a + 1] - start[a]));
+            xbg[a] = hm_kernel_xb(variant, &wg, (const char *)xg + (size_t)start[a] * D * esz, (int)(start[a + 1] - start[a]));
         }
         /* 1: gate and up for every (active expert, block of I rows), then SiLU(gate) * up. */
 #pragma omp for schedule(guided)
@@ -181,7 +181,7 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
 #pragma omp for schedule(dynamic, 1)
         for (int a = 0; a < (xbd ? na : 0); a++) {
             hm_weight wd = hm_expert(down, act[a]);
-            xbd[a] = hm_amx_xb(variant, &wd, (const char *)hp + (size_t)start[a] * I * esz, (int)(start[a + 1] - start[a]));
+            xbd[a] = hm_kernel_xb(variant, &wd, (const char *)hp + (size_t)start[a] * I * esz, (int)(start[a + 1] - start[a]));
         }
         /* 3: down for every block of D rows over all active experts; a tile owns its output rows. */
         float *ytmp = ytmp_all + (size_t)omp_get_thread_num() * n * HM_ROWS_PER_TILE;

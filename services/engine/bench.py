@@ -137,15 +137,12 @@ def run(preset: str = "qwen3-30b-a3b", layers: int = 4, quant: str = "fp8", mode
             frac = f"  {r['fraction_of_bandwidth']:.2f} of bw ({nbytes / 1e6:.0f} MB/token)" if n == 1 else ""
             print(f"decode {n} stream(s) overlap={'on ' if overlap else 'off'} {r['step_ms']:8.1f} ms/step "
                   f"{r['tok_s']:7.2f} tok/s{frac}")
-    if not on_cpu:
-        if json_path:
-            Path(json_path).write_text(json.dumps(report, indent=2) + "\n")
-        return report
-    report["prefill_tok_s"] = bench_prefill(model, prompt_len, chunk=prompt_len)
-    print(f"prefill {prompt_len} tokens (CPU, stream-loading): {report['prefill_tok_s']:.1f} tok/s")
+    if on_cpu:
+        report["prefill_tok_s"] = bench_prefill(model, prompt_len, chunk=prompt_len)
+        print(f"prefill {prompt_len} tokens (CPU, stream-loading): {report['prefill_tok_s']:.1f} tok/s")
     del model
     gc.collect()
-    if compare and not model_path:
+    if on_cpu and compare and not model_path:
         bf16 = bench_model_path(preset, layers, "bf16") if quant != "bf16" else path
         hf = bench_transformers_prefill(bf16, prompt_len)
         if hf is not None:
