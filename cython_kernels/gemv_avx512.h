@@ -172,11 +172,15 @@ typedef struct {
     __m512i lo_a, lo_b, hi_a, hi_b, sign;
 } hm_fp8_tables;
 
-HM_AVX512 static inline __attribute__((always_inline)) hm_fp8_tables hm_fp8_tables_load(void) {
-    hm_fp8_tables t = {_mm512_load_si512(hm_fp8_bf16_lo), _mm512_load_si512(hm_fp8_bf16_lo + 64),
-                       _mm512_load_si512(hm_fp8_bf16_hi), _mm512_load_si512(hm_fp8_bf16_hi + 64),
-                       _mm512_set1_epi8((char)0x80)};
+HM_AVX512 static inline __attribute__((always_inline)) hm_fp8_tables hm_fp8_tables_of(const uint8_t *lo,
+                                                                                      const uint8_t *hi) {
+    hm_fp8_tables t = {_mm512_load_si512(lo), _mm512_load_si512(lo + 64), _mm512_load_si512(hi),
+                       _mm512_load_si512(hi + 64), _mm512_set1_epi8((char)0x80)};
     return t;
+}
+
+HM_AVX512 static inline __attribute__((always_inline)) hm_fp8_tables hm_fp8_tables_load(void) {
+    return hm_fp8_tables_of(hm_fp8_bf16_lo, hm_fp8_bf16_hi);
 }
 
 HM_AVX512 static inline __attribute__((always_inline)) void hm_fp8_decode64(const hm_fp8_tables *t, __m512i b,
@@ -219,39 +223,6 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_row_fp8_nt(
 HM_AVX512 static void hm_row_fp8(const hm_weight *w, int64_t r, const uint16_t *xp, int T, float *y,
                                  int64_t ldy) {
     HM_TOKEN_BLOCKS(hm_row_fp8_nt, HM_TB)
-}
-
-/* Rows [r, r + 4) at one token (r a multiple of 4, so that they share a 128-row scale block).
- * One row at a time, each 64 weights cost two activation loads and each row ends in a horizontal
- * sum; four rows side by side share both. While a group runs, the next group's bytes are
- * prefetched front to back, as fast as this group's are read. The decode of one token on CPUs
- * without AMX, and on rows too short for it. */
-HM_AVX512 static void hm_rows4_fp8_t1(const hm_weight *w, int64_t r, const uint16_t *xp, float *y) {
-    const hm_fp8_tables tab = hm_fp8_tables_load();
-    const uint8_t *rows = w->data + r * w->cols;
-    const float *sc = (const float *)w->scale + (r / 128) * ((w->cols + 127) / 128);
-    const int64_t full = w->cols / 64 * 64;
-    __m512 total[4], b0[4], b1[4];
-    for (int i = 0; i < 4; i++) total[i] = b0[i] = b1[i] = _mm512_setzero_ps();
-    for (int64_t c = 0; c < full; c += 64) {
-        const char *pf = (const char *)rows + 4 * w->cols + 4 * c; /* the next group's bytes, front to back */
-        for (int q = 0; q < 4; q++) _mm_prefetch(pf + 64 * q, HM_ROW_HINT);
-        const __m512i x0 = _mm512_loadu_si512(xp + c), x1 = _mm512_loadu_si512(xp + c + 32);
-        for (int i = 0; i < 4; i++) {
-            __m512i w0, w1;
-            hm_fp8_decode64(&tab, _mm512_loadu_si512(rows + i * w->cols + c), &w0, &w1);
-            b0[i] = hm_dp(b0[i], w0, x0);
-            b1[i] = hm_dp(b1[i], w1, x1);
-        }
-        if ((c & 127) == 64 || c + 64 == full) { /* end of a 128-column scale block */
-            const __m512 s = _mm512_set1_ps(sc[c / 128]);
-            for (int i = 0; i < 4; i++) {
-                total[i] = _mm512_fmadd_ps(_mm512_add_ps(b0[i], b1[i]), s, total[i]);
-                b0[i] = b1[i] = _mm512_setzero_ps();
-            }
-        }
-    }
-    for (int i = 0; i < 4; i++) hm_store_row(w, r + i, full, xp, 0, 1, &total[i], y, 0);
 }
 
 HM_AVX512 static inline __m512 hm_int4_scales(const hm_weight *w, int64_t r, int64_t c) {
@@ -359,6 +330,10 @@ static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, const ui
         hm_rows_int4_vnni(w, xb, y, r0, r1);
         return;
     }
+    if (xb && hm_fp8_t1_applies(w, T)) {
+        hm_rows_fp8_t1(w, xp, (const uint16_t *)xb, y, r0, r1);
+        return;
+    }
     if (xb && hm_amx_applies(w, T))
         for (; r0 + 16 <= r1; r0 += 16) {
             if (w->fmt == HM_FP8_B128) hm_rows16_fp8_amx(w, xp, xb, T, y, ldy, r0);
@@ -366,8 +341,6 @@ static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, const ui
             else if (w->fmt == HM_INT4) hm_rows16_int4_amx(w, xp, xb, T, y, ldy, r0);
             else hm_rows16_bf16_amx(w, xp, xb, T, y, ldy, r0);
         }
-    if (w->fmt == HM_FP8_B128 && T == 1)
-        for (; r0 % 4 == 0 && r0 + 4 <= r1; r0 += 4) hm_rows4_fp8_t1(w, r0, xp, y);
     for (int64_t r = r0; r < r1; r++) {
         if (w->fmt == HM_FP8_B128) hm_row_fp8(w, r, xp, T, y, ldy);
         else if (w->fmt == HM_INT4) hm_row_int4(w, r, xp, T, y, ldy);

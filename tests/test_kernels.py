@@ -125,7 +125,7 @@ def amx_switch():
 def test_amx_path_matches_reference(amx_switch, fmt, tokens):
     g = torch.Generator().manual_seed(tokens)
     shapes = [(256, 512), (200, 300), (48, 7 * 64 + 2), (16, 64)]  # ragged rows, a column tail
-    if fmt == "fp8_b128":  # FP8 takes AMX at one or two tokens only on rows of 1024 columns and more
+    if fmt == "fp8_b128":  # FP8 takes AMX at two tokens only on rows of 1024 columns and more
         shapes += [(64, 1024), (40, 1090)]
     if fmt.startswith("int4"):
         shapes = [(256, 512), (200, 384), (16, 128)]
@@ -142,20 +142,32 @@ def test_amx_path_matches_reference(amx_switch, fmt, tokens):
         y_avx = api.gemv(x, w, variant="avx512_bf16", threads=2)
         for y in (y_amx, y_amx16, y_avx):
             assert (y - ref).abs().max() / ref.abs().max() < 1e-4, shape
-        fp8_from = 1 if shape[1] >= 1024 else 3
+        fp8_from = 2 if shape[1] >= 1024 else 3  # (one token: the vector kernel, AMX or not)
         takes_amx = tokens >= {"fp8_b128": fp8_from, "int4_g128": 1, "int4_g32": 1}.get(fmt, 3)  # (as hm_amx_applies)
         if takes_amx:
             assert not torch.equal(y_amx, y_avx) or shape[0] == 16  # (a different summation order)
 
 
-@AMX
+BF16 = pytest.mark.skipif("avx512_bf16" not in VARIANTS, reason="needs AVX-512 BF16")
+
+
+def _fp8_scaled_path(tokens):
+    """FP8 in the scaled domain: at one token the vector kernel, at two the AMX kernel."""
+    if tokens > 1 and not _kernels.amx_available():
+        pytest.skip("this CPU (or OS) offers no AMX-BF16")
+
+
+@BF16
+@pytest.mark.parametrize("tokens", [1, 2])
 @pytest.mark.parametrize("scale", [1e-20, 1e-6, 1e6, 1e9])
-def test_amx_fp8_keeps_tiny_and_huge_activations(amx_switch, scale):
-    """The FP8 AMX path works in a scaled domain (weights times 2^-104, activations times 2^96):
-    products must neither flush to zero nor overflow across the range activations take."""
+def test_fp8_scaled_domain_keeps_tiny_and_huge_activations(amx_switch, scale, tokens):
+    """The FP8 one-token and AMX paths work in a scaled domain (weights times 2^-104, activations
+    times 2^64): products must neither flush to zero nor overflow across the range activations
+    take."""
+    _fp8_scaled_path(tokens)
     g = torch.Generator().manual_seed(3)
     w = _q(torch.randn(64, 1024, generator=g), "fp8_b128")
-    x = torch.randn(2, 1024, generator=g) * scale
+    x = torch.randn(tokens, 1024, generator=g) * scale
     ref = x.bfloat16().float() @ dequantize(w).T
     amx_switch(True)
     y = api.gemv(x, w, variant="avx512_bf16", threads=2)
@@ -222,11 +234,13 @@ def test_int4_vnni_moe_matches_reference(amx_switch):
         assert (out - ref).abs().max() / ref.abs().max() < 1e-2
 
 
-@AMX
-def test_amx_fp8_shift_and_table_decodes(amx_switch):
-    """128-byte row chunks without a zero-exponent byte take the shift decode, the others (zeros,
+@BF16
+@pytest.mark.parametrize("tokens", [1, 2])
+def test_fp8_shift_and_table_decodes(amx_switch, tokens):
+    """64-byte row chunks without a zero-exponent byte take the shift decode, the others (zeros,
     subnormals) the table decode: a weight of each kind, and one that mixes them, against the
-    reference."""
+    reference, at one token (the vector kernel) and two (AMX)."""
+    _fp8_scaled_path(tokens)
     g = torch.Generator().manual_seed(4)
     codes = torch.randint(0, 256, (32, 1024), generator=g, dtype=torch.uint8)
     codes[(codes & 0x78) == 0] |= 0x08  # no zero exponent anywhere: the shift decode only
@@ -237,7 +251,7 @@ def test_amx_fp8_shift_and_table_decodes(amx_switch):
     for data in (codes, mixed, codes & 0x87):
         w = QuantWeight("fp8_b128", data.view(torch.float8_e4m3fn), torch.rand(1, 8, generator=g) + 0.5,
                         (32, 1024))
-        x = torch.randn(1, 1024, generator=g)
+        x = torch.randn(tokens, 1024, generator=g)
         ref = x.bfloat16().float() @ dequantize(w).T
         y = api.gemv(x, w, variant="avx512_bf16", threads=2)
         assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5
@@ -314,16 +328,17 @@ def test_read_sum_is_exact_over_sizes_and_threads():
             assert _kernels.read_sum(b.data_ptr(), 8 * n, threads) == b[:n].sum().item()
 
 
-@pytest.mark.skipif("avx512_bf16" not in cython_kernels.supported_variants(), reason="needs AVX-512 BF16")
+@BF16
 @pytest.mark.parametrize("rows", [1, 5, 13, 37, 132])
-def test_fp8_one_token_row_groups(amx_switch, rows):
-    """At one token FP8 rows go four at a time where they can (sharing a 128-row scale block),
-    one at a time for the rest: row counts that leave every remainder, across a scale-block edge."""
+def test_fp8_one_token_rows(amx_switch, rows):
+    """At one token FP8 rows take the vector kernel one after the other, AMX or not: row counts
+    across a scale-block edge, column counts with a tail and a half scale block."""
     g = torch.Generator().manual_seed(rows)
-    amx_switch(False)
-    for cols in (300, 768, 1090):
+    for cols in (64, 300, 768, 1090):
         w = _q(torch.randn(rows, cols, generator=g), "fp8_b128")
         x = torch.randn(1, cols, generator=g)
         ref = x.bfloat16().double() @ dequantize(w).double().T
-        y = api.gemv(x, w, variant="avx512_bf16", threads=2).double()
-        assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5, cols
+        for amx in (True, False):
+            amx_switch(amx)
+            y = api.gemv(x, w, variant="avx512_bf16", threads=2).double()
+            assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5, cols
