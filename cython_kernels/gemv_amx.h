@@ -186,12 +186,13 @@ HM_AVX512 static inline __attribute__((always_inline)) __m512i hm_fp8s_fast(__m5
                                      _mm512_set1_epi16(0x0800), 0xEA); /* (a & b) | c */
 }
 
-/* 64 e4m3 bytes -> two vectors of 32 bf16 times 2^-104, in hm_prepare_x_avx512's order: the fast
- * decode, or (a byte with e == 0 among them) the lookup through ts (hm_fp8s_tables_load). */
+/* The table decode's tables for the scaled domain (hm_fp8s_*). */
 HM_AVX512 static inline __attribute__((always_inline)) hm_fp8_tables hm_fp8s_tables_load(void) {
     return hm_fp8_tables_of(hm_fp8s_bf16_lo, hm_fp8s_bf16_hi);
 }
 
+/* 64 e4m3 bytes -> two vectors of 32 bf16 times 2^-104, in hm_prepare_x_avx512's order: the fast
+ * decode, or (a byte with e == 0 among them) the lookup through ts (hm_fp8s_tables_load). */
 HM_AVX512 static inline __attribute__((always_inline)) void hm_fp8s_decode64(const hm_fp8_tables *ts, __m512i b,
                                                                             __m512i *w0, __m512i *w1) {
     if (__builtin_expect(!_mm512_testn_epi8_mask(b, _mm512_set1_epi8(0x78)), 1)) {
@@ -263,6 +264,8 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
     hm_amx_store(w, xp, T, tot, y, ldy, r0);
 }
 
+/* Whether FP8 at one token takes hm_rows_fp8_t1 (with AMX or without): then xb holds
+ * hm_build_xb's layout at one token. */
 static inline int hm_fp8_t1_applies(const hm_weight *w, int T) { return w->fmt == HM_FP8_B128 && T == 1 && w->cols >= 64; }
 
 /* FP8 rows [r0, r1) at one token on the vector units, in the AMX kernel's scaled domain: the fast
@@ -271,7 +274,7 @@ static inline int hm_fp8_t1_applies(const hm_weight *w, int T) { return w->fmt =
  * Measured per 64 weights with the data in L1: 9.5-10 cycles, against 10.5-11 for the table
  * decode and 9-10 for the tile unit, whose work at one token does not overlap the decode's. Rows
  * are read one after the other, one linear stream prefetched HM_PREFETCH ahead into L2; four
- * rows side by side read 10-15 % slower from DRAM. */
+ * rows side by side read 7-16 % slower from DRAM. */
 HM_AVX512 static void hm_rows_fp8_t1(const hm_weight *w, const uint16_t *xp, const uint16_t *xs, float *y,
                                      int64_t r0, int64_t r1) {
     const hm_fp8_tables ts = hm_fp8s_tables_load();
@@ -296,8 +299,8 @@ HM_AVX512 static void hm_rows_fp8_t1(const hm_weight *w, const uint16_t *xp, con
     }
 }
 
-/* Whether the call takes a path that reads the activations in its own layout (AMX, or VNNI for
- * INT4 at one token): then xb must hold hm_build_kernel_xb's layout of xp. */
+/* Whether the call takes a path that reads the activations in its own layout (AMX, VNNI for INT4
+ * at one token, hm_rows_fp8_t1): then xb must hold hm_build_kernel_xb's layout of xp. */
 static inline int hm_xb_applies(const hm_weight *w, int T) {
     return hm_int4_vnni_applies(w, T) || hm_fp8_t1_applies(w, T) || hm_amx_applies(w, T);
 }
