@@ -24,6 +24,15 @@ def test_sample_greedy_and_filters():
         sample(logits, temperature=-1)
 
 
+def test_greedy_takes_the_first_maximum_as_argmax_does():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randint(0, 50, (8, 151936), generator=g).float()  # many ties at the maximum
+    logits[3, 7] = logits[3, 151935] = 1e4
+    for dt in (torch.float32, torch.bfloat16):
+        assert torch.equal(sample(logits.to(dt)), logits.to(dt).argmax(dim=-1))
+    assert sample(logits)[3].item() == 7
+
+
 def test_seeded_sampling_is_reproducible():
     logits = torch.randn(4, 50)
     a = sample(logits, 1.0, generator=torch.Generator().manual_seed(7))
