@@ -319,8 +319,8 @@ HM_AVX512 static void hm_build_xb_int4(const uint16_t *xp, int T, int64_t cols, 
  *
  * C's columns: (piece, group in block, token), piece 0 = h, 1 = l; groups of 32 are 4 per block
  * and A's 64 bytes per row hold 16 columns of each (a group's 16 bytes), so quad-rows 4g..4g+3 of
- * B carry group g's activations in group g's columns and zeros elsewhere. Up to 64 columns, in
- * up to four C tiles of 16; more (groups of 32 beyond 8 tokens) takes the bf16 path. */
+ * B carry group g's activations in group g's columns and zeros elsewhere. Up to 16 columns, one
+ * C tile (groups of 128 up to 8 tokens, groups of 32 up to 2); more takes the bf16 path. */
 #define HM_AMX8 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,amx-tile,amx-int8")))
 #define HM_I8_HALF 32639 /* largest |xi|: h = (xi + 128) >> 8 stays within a signed byte */
 static uint16_t hm_pw_nat[2][32] __attribute__((aligned(64))); /* xp's INT4 order -> natural, per parity */
