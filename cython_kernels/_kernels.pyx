@@ -62,7 +62,7 @@ def set_amx_int8(bint on):
     hm_amx_int8_enabled = 1 if (on and hm_amx_int8) else 0
 
 def vnni_available():
-    """Whether the CPU has AVX512-VNNI (INT4's path at one token)."""
+    """Whether the CPU has AVX512-VNNI (INT4's path at one and two tokens)."""
     return bool(hm_vnni_available)
 
 
@@ -71,7 +71,7 @@ def vnni_enabled():
 
 
 def set_vnni(bint on):
-    """Let INT4 at one token use VNNI (when available); off, it takes the AMX or AVX-512 path."""
+    """Let INT4 at one or two tokens use VNNI (when available); off, it takes the AMX or AVX-512 path."""
     global hm_vnni_enabled
     hm_vnni_enabled = 1 if (on and hm_vnni_available) else 0
 

@@ -45,8 +45,8 @@ static inline int hm_amx_applies(const hm_weight *w, int T) {
     /* Fewest tokens at which AMX wins (measured at DeepSeek-V3 shapes): FP8 from two (rows of
      * 1024 columns and more; on shorter rows the pipeline's fill and drain and the tile
      * configuration per 16 rows weigh more; one token takes hm_rows_fp8_t1), INT4 from one
-     * (AMX-INT8 where it applies, see hm_int4_amx8_applies, else bf16; one token takes VNNI
-     * where it applies), BF16 from three. */
+     * (AMX-INT8 where it applies, see hm_int4_amx8_applies, else bf16; one or two tokens take
+     * VNNI where it applies), BF16 from three. */
     const int min_t = w->fmt == HM_FP8_B128 ? (w->cols >= 1024 ? 2 : 3) : w->fmt == HM_INT4 ? 1 : 3;
     return hm_amx_enabled && (w->fmt != HM_INT4 || w->cols % 128 == 0) && T >= min_t
            && T <= HM_AMX_MAX_T && w->cols % 2 == 0 && w->cols >= 64;
@@ -300,14 +300,14 @@ HM_AVX512 static void hm_rows_fp8_t1(const hm_weight *w, const uint16_t *xp, con
 }
 
 /* Whether the call takes a path that reads the activations in its own layout (AMX, VNNI for INT4
- * at one token, hm_rows_fp8_t1): then xb must hold hm_build_kernel_xb's layout of xp. */
+ * at 1-2 tokens, hm_rows_fp8_t1): then xb must hold hm_build_kernel_xb's layout of xp. */
 static inline int hm_xb_applies(const hm_weight *w, int T) {
     return hm_int4_vnni_applies(w, T) || hm_fp8_t1_applies(w, T) || hm_amx_applies(w, T);
 }
 
 /* Words of the activation buffer that path needs. */
 static inline size_t hm_kernel_xb_words(const hm_weight *w, int T) {
-    if (hm_int4_vnni_applies(w, T)) return hm_vnni_xb_words(w->cols, w->group);
+    if (hm_int4_vnni_applies(w, T)) return (size_t)T * hm_vnni_xb_words(w->cols, w->group);
     if (w->fmt != HM_INT4) return (size_t)T * (size_t)(w->cols / 2);
     if (hm_int4_amx8_applies(w, T)) return hm_amx8_xb_words(w->cols, w->group, T);
     /* B tiles, then 136 x the group sums, laid out like C's columns block by block */
@@ -317,7 +317,7 @@ static inline size_t hm_kernel_xb_words(const hm_weight *w, int T) {
 /* xp (hm_prepare_x_avx512's order) -> xb (hm_kernel_xb_words(w, T) words) in the layout that
  * hm_gemv_rows_avx512's kernel for w and T reads (see hm_xb_applies). */
 static void hm_build_kernel_xb(const hm_weight *w, const uint16_t *xp, int T, uint32_t *xb) {
-    if (hm_int4_vnni_applies(w, T)) hm_build_xb_int4_vnni(xp, w->cols, w->group, xb);
+    if (hm_int4_vnni_applies(w, T)) hm_build_xb_int4_vnni(xp, T, w->cols, w->group, xb);
     else if (w->fmt == HM_INT4 && hm_int4_amx8_applies(w, T)) hm_build_xb_int4_i8(xp, T, w->cols, w->group, xb);
     else if (w->fmt == HM_INT4) hm_build_xb_int4(xp, T, w->cols, w->group, xb);
     else hm_build_xb(xp, T, w->cols, xb, w->fmt == HM_FP8_B128 ? HM_FP8_AMX_XEXP : 0);

@@ -327,7 +327,7 @@ HM_AVX512 static inline void hm_transpose16(__m512i r[16]) {
 static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T, float *y,
                                 int64_t ldy, int64_t r0, int64_t r1) {
     if (xb && hm_int4_vnni_applies(w, T)) {
-        hm_rows_int4_vnni(w, xb, y, r0, r1);
+        hm_rows_int4_vnni(w, xb, T, y, ldy, r0, r1);
         return;
     }
     if (xb && hm_fp8_t1_applies(w, T)) {

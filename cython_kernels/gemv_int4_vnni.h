@@ -1,8 +1,9 @@
-/* INT4 at one token through AVX-512 VNNI (included by gemv_amx.h, after the AMX-INT8 kernel whose
- * activation split it shares).
+/* INT4 at one and two tokens through AVX-512 VNNI (included by gemv_amx.h, after the AMX-INT8
+ * kernel whose activation split it shares).
  *
- * At one token the tile paths spend their time writing decoded weights out and loading them back
- * into tiles, and the tile unit does one token's products no faster than a vector port. Here a
+ * At a token or two the tile paths spend their time writing decoded weights out and loading them
+ * back into tiles (work the tile unit does not overlap with the decode), and the tile unit does so
+ * few products no faster than a vector port. Here a
  * row is read once, front to back: each 64-byte chunk (128 columns, one block) gives its low and
  * high nibbles n = q + 8 with an AND and a shift, and VPDPBUSD multiplies them, as unsigned bytes,
  * by the activations split into signed bytes xi = 256 h + l (hm_int4_i8_block): four VPDPBUSD
@@ -21,7 +22,7 @@
 #define HM_VNNI_PREFETCH 4096 /* bytes ahead, into L2 */
 
 static int hm_vnni_available = 0; /* AVX512-VNNI */
-static int hm_vnni_enabled = 0;   /* ... and INT4 at one token may use it (HYBRIDMOE_VNNI=0, set_vnni) */
+static int hm_vnni_enabled = 0;   /* ... and INT4 at 1-2 tokens may use it (HYBRIDMOE_VNNI=0, set_vnni) */
 
 static void hm_init_vnni(void) {
     unsigned a, b, c, d;
@@ -31,8 +32,13 @@ static void hm_init_vnni(void) {
     hm_vnni_enabled = !(env && env[0] == '0');
 }
 
+/* Tokens up to which INT4 takes VNNI rather than AMX-INT8 (DeepSeek-V3 shapes from DRAM, 2
+ * threads: at two tokens 5-55 % faster, groups of 32 12-27 %; at three the longer rows lose 14-28 %,
+ * at four all lose, the products being the work). hm_rows_int4_vnni takes up to four. */
+#define HM_VNNI_MAX_T 2
+
 static inline int hm_int4_vnni_applies(const hm_weight *w, int T) {
-    return hm_vnni_enabled && w->fmt == HM_INT4 && T == 1 && w->cols % 128 == 0;
+    return hm_vnni_enabled && w->fmt == HM_INT4 && T <= HM_VNNI_MAX_T && w->cols % 128 == 0;
 }
 
 /* Words of the activation buffer: per block 256 bytes (h of the low nibbles' columns, h of the
@@ -41,18 +47,22 @@ static inline size_t hm_vnni_xb_words(int64_t cols, int group) {
     return (size_t)(cols / 128) * 65 + (size_t)(cols / group);
 }
 
-/* xp [1][cols] (hm_prepare_x_avx512's INT4 order) -> hm_rows_int4_vnni's activations. */
-HM_AVX512 static void hm_build_xb_int4_vnni(const uint16_t *xp, int64_t cols, int group, uint32_t *xb) {
+/* xp [T][cols] (hm_prepare_x_avx512's INT4 order) -> hm_rows_int4_vnni's activations: per token
+ * hm_vnni_xb_words(cols, group) words, one after the other. */
+HM_AVX512 static void hm_build_xb_int4_vnni(const uint16_t *xp, int T, int64_t cols, int group, uint32_t *xb) {
     const int G = hm_i8_groups(group);
     const int64_t nb = cols / 128;
-    float *ex = (float *)(xb + nb * 64), *off = ex + nb;
-    for (int64_t k = 0; k < nb; k++) {
-        uint8_t(*hl)[2][64] = (uint8_t(*)[2][64])(xb + k * 64); /* [piece][parity][64] */
-        float gsum[4];
-        int e;
-        hm_int4_i8_block(xp + k * 128, G, hl[0], hl[1], gsum, &e);
-        ex[k] = ldexpf(1.f, e);
-        for (int g = 0; g < G; g++) off[k * G + g] = 8.f * gsum[g] * ex[k];
+    for (int t = 0; t < T; t++) {
+        uint32_t *xt = xb + (size_t)t * hm_vnni_xb_words(cols, group);
+        float *ex = (float *)(xt + nb * 64), *off = ex + nb;
+        for (int64_t k = 0; k < nb; k++) {
+            uint8_t(*hl)[2][64] = (uint8_t(*)[2][64])(xt + k * 64); /* [piece][parity][64] */
+            float gsum[4];
+            int e;
+            hm_int4_i8_block(xp + (int64_t)t * cols + k * 128, G, hl[0], hl[1], gsum, &e);
+            ex[k] = ldexpf(1.f, e);
+            for (int g = 0; g < G; g++) off[k * G + g] = 8.f * gsum[g] * ex[k];
+        }
     }
 }
 
@@ -76,49 +86,69 @@ HM_VNNI static inline __attribute__((always_inline)) void hm_vnni_scales(const h
     }
 }
 
-/* y[r] for rows [r0, r1), one token. Rows are contiguous, so reading them one after the other is
- * one linear stream, prefetched HM_VNNI_PREFETCH ahead into L2 (through the next rows). Per 64-byte
- * chunk: two ANDs, a shift, four VPDPBUSD, a shift, a convert and an FMA, whose scale
+/* y[t][r] for rows [r0, r1) and nt tokens (a constant where inlined, so that the sums stay in
+ * registers). Rows are contiguous, so reading them one after the other is one linear stream,
+ * prefetched HM_VNNI_PREFETCH ahead into L2 (through the next rows). Per 64-byte chunk: two ANDs
+ * and a shift, then per token four VPDPBUSD, a shift, a convert and an FMA, whose scale
  * hm_vnni_scales has ready. (Four rows side by side share the activation loads, but four
  * interleaved streams read 7-16 % slower from DRAM here than one. A scalar bf16 scale conversion
  * and broadcast per chunk, and sums indexed by k & 1, which the compiler kept in memory, cost a
  * fifth of the time with the data in L1.) */
-HM_VNNI static void hm_rows_int4_vnni(const hm_weight *w, const uint32_t *xb, float *y, int64_t r0, int64_t r1) {
+HM_VNNI static inline __attribute__((always_inline)) void hm_rows_int4_vnni_nt(const hm_weight *w, const uint32_t *xb,
+                                                                              float *y, int64_t ldy, int64_t r0,
+                                                                              int64_t r1, const int nt) {
     const int64_t nb = w->cols / 128, G = w->cols / w->group, rb = w->cols / 2;
-    const float *ex = (const float *)(xb + nb * 64), *off = ex + nb;
+    const size_t words = hm_vnni_xb_words(w->cols, w->group);
     const __m512i nib = _mm512_set1_epi8(0x0f);
     const int g32 = w->group == 32;
-    float sv[16 * 16] __attribute__((aligned(64))); /* hm_vnni_scales of the current 16 blocks */
+    float sv[4][16 * 16] __attribute__((aligned(64))); /* hm_vnni_scales of the current 16 blocks, per token */
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = w->data + r * rb;
         const uint16_t *sc = (const uint16_t *)w->scale + r * G;
-        __m512 tot = _mm512_setzero_ps();
+        __m512 tot[4];
+        for (int t = 0; t < nt; t++) tot[t] = _mm512_setzero_ps();
         for (int64_t k0 = 0; k0 < nb; k0 += 16) {
             const int n = nb - k0 < 16 ? (int)(nb - k0) : 16;
-            hm_vnni_scales(w, ex, sc, k0, n, sv);
+            for (int t = 0; t < nt; t++) hm_vnni_scales(w, (const float *)(xb + t * words + nb * 64), sc, k0, n, sv[t]);
             for (int64_t k = k0; k < k0 + n; k++) {
                 _mm_prefetch((const char *)row + 64 * k + HM_VNNI_PREFETCH, _MM_HINT_T1);
-                const uint32_t *xk = xb + k * 64;
                 const __m512i b = _mm512_loadu_si512(row + 64 * k);
                 const __m512i lo = _mm512_and_si512(b, nib), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
-                __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xk));
-                acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xk + 16));
-                acc = _mm512_slli_epi32(acc, 8);
-                acc = _mm512_dpbusd_epi32(acc, lo, _mm512_loadu_si512(xk + 32));
-                acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xk + 48));
-                const __m512 s = g32 ? _mm512_load_ps(sv + 16 * (k - k0)) : _mm512_set1_ps(sv[k - k0]);
-                tot = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, tot);
+                for (int t = 0; t < nt; t++) {
+                    const uint32_t *xk = xb + t * words + k * 64;
+                    __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xk));
+                    acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xk + 16));
+                    acc = _mm512_slli_epi32(acc, 8);
+                    acc = _mm512_dpbusd_epi32(acc, lo, _mm512_loadu_si512(xk + 32));
+                    acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xk + 48));
+                    const __m512 s = g32 ? _mm512_load_ps(sv[t] + 16 * (k - k0)) : _mm512_set1_ps(sv[t][k - k0]);
+                    tot[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, tot[t]);
+                }
             }
         }
-        __m512 o = _mm512_setzero_ps();
-        int64_t g = 0;
-        for (; g + 16 <= G; g += 16)
-            o = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
-                                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sc + g))), 16)),
-                                _mm512_loadu_ps(off + g), o);
-        float corr = _mm512_reduce_add_ps(o);
-        for (; g < G; g++) corr += hm_bf16_to_f32(sc[g]) * off[g];
-        y[r] = _mm512_reduce_add_ps(tot) - corr;
+        for (int t = 0; t < nt; t++) {
+            const float *off = (const float *)(xb + t * words + nb * 64) + nb;
+            __m512 o = _mm512_setzero_ps();
+            int64_t g = 0;
+            for (; g + 16 <= G; g += 16)
+                o = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
+                                        _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(sc + g))), 16)),
+                                    _mm512_loadu_ps(off + g), o);
+            float corr = _mm512_reduce_add_ps(o);
+            for (; g < G; g++) corr += hm_bf16_to_f32(sc[g]) * off[g];
+            y[t * ldy + r] = _mm512_reduce_add_ps(tot[t]) - corr;
+        }
+    }
+}
+
+/* y [T][ldy] for rows [r0, r1), T in 1..4. */
+HM_VNNI static void hm_rows_int4_vnni(const hm_weight *w, const uint32_t *xb, int T, float *y, int64_t ldy,
+                                     int64_t r0, int64_t r1) {
+    switch (T) {
+    case 1: hm_rows_int4_vnni_nt(w, xb, y, ldy, r0, r1, 1); break;
+    case 2: hm_rows_int4_vnni_nt(w, xb, y, ldy, r0, r1, 2); break;
+    case 3: hm_rows_int4_vnni_nt(w, xb, y, ldy, r0, r1, 3); break;
+    default: hm_rows_int4_vnni_nt(w, xb, y, ldy, r0, r1, 4); break;
     }
 }
 
