@@ -41,10 +41,11 @@ static inline int hm_int4_vnni_applies(const hm_weight *w, int T) {
     return hm_vnni_enabled && w->fmt == HM_INT4 && T <= HM_VNNI_MAX_T && w->cols % 128 == 0;
 }
 
-/* Words of the activation buffer: per block 256 bytes (h of the low nibbles' columns, h of the
- * high nibbles', then l of each), then per block 2^e, then per group 8 sum(xi) 2^e. */
+/* Words of one token's activations: per block 256 bytes (h of the low nibbles' columns, h of the
+ * high nibbles', then l of each), then per block 2^e, then per group 8 sum(xi) 2^e; rounded up to
+ * 64 bytes, so that every token's blocks stay aligned. */
 static inline size_t hm_vnni_xb_words(int64_t cols, int group) {
-    return (size_t)(cols / 128) * 65 + (size_t)(cols / group);
+    return ((size_t)(cols / 128) * 65 + (size_t)(cols / group) + 15) / 16 * 16;
 }
 
 /* xp [T][cols] (hm_prepare_x_avx512's INT4 order) -> hm_rows_int4_vnni's activations: per token
