@@ -4,9 +4,8 @@
 #define HYBRIDMOE_GEMV_AMX_H
 
 /* ---- AMX ---------------------------------------------------------------------------------------
- * Above a couple of tokens the kernels above become bound by VDPBF16PS (each token is one more
- * dot product per 32 weights), and even at one token FP8's decode and products share two vector
- * ports. AMX's TDPBF16PS multiplies a 16x32 tile of weights by a 32xT tile of activations in
+ * Above a token or two the kernels above become bound by VDPBF16PS (each token is one more
+ * dot product per 32 weights). AMX's TDPBF16PS multiplies a 16x32 tile of weights by a 32xT tile of activations in
  * one instruction on the tile unit, so the weights' decode, not the products, sets the pace
  * whatever the number of tokens (up to 16 per tile). The weights are the A operand: 16 rows of
  * decoded bf16, no transposition (each format's kernel below says in which column order). The
@@ -168,9 +167,9 @@ HM_AVX512 static void hm_build_xb(const uint16_t *xp, int T, int64_t cols, uint3
  * block: block k is decoded into one half of a double buffer while the tiles multiply block
  * k - 1 from the other half (a tile load must wait for the stores it reads to leave the store
  * buffer, so loading what was just stored would stall every block), and block k - 2's C tile is
- * scaled into the row sums. At one token this beats the AVX-512 kernel too: its decode is three
- * cheap ops per 32 weights (see hm_fp8s_*) and the products run on the tile unit, not on the
- * vector ports the decode needs.
+ * scaled into the row sums. Its decode is three cheap ops per 32 weights (see hm_fp8s_*) and the
+ * products run on the tile unit; but the tile work does not overlap the decode, so one token
+ * takes hm_rows_fp8_t1 instead.
  *
  * The fast decode works in a scaled domain: e4m3 magnitude bits shifted into a bf16 (exponent
  * field e, mantissa m) with 16 added to the exponent field is exactly value * 2^-104, for every
@@ -179,6 +178,7 @@ HM_AVX512 static void hm_build_xb(const uint16_t *xp, int T, int64_t cols, uint3
  * The tile unit flushes products below 2^-126, so the activations go in scaled by 2^64 (see
  * hm_build_xb) and the C tiles are scaled back by 2^40. */
 #define HM_FP8_AMX_XEXP 64 /* products come out times 2^-40: flushed below 2^-86, activations overflow from 2^64 */
+#define HM_FP8S_BACK 0x1p40f /* what scales the products back: 2^104 / 2^HM_FP8_AMX_XEXP */
 
 HM_AVX512 static inline __attribute__((always_inline)) __m512i hm_fp8s_fast(__m512i w16) {
     /* w16: words with the e4m3 byte in the high half, low half zero */
@@ -208,7 +208,6 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
     const hm_fp8_tables ts = hm_fp8s_tables_load();
     const int64_t full = w->cols / 64 * 64, nb = (full + 127) / 128, nbi = (w->cols + 127) / 128;
     const float *sc = (const float *)w->scale + (r0 / 128) * nbi;
-    const float back = 0x1p40f; /* 2^104 / 2^64 */
     hm_amx_config(T);
     uint16_t a[2][4][16 * 32] __attribute__((aligned(64)));
     float cb[2][16 * 16] __attribute__((aligned(64)));
@@ -234,7 +233,7 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
             }
         }
         if (k >= 2) { /* scale block k - 2 */
-            const __m512 s = _mm512_set1_ps(sc[k - 2] * back);
+            const __m512 s = _mm512_set1_ps(sc[k - 2] * HM_FP8S_BACK);
             const float *c = cb[k & 1];
             for (int n = 0; n < 16; n++) tot[n] = _mm512_fmadd_ps(_mm512_maskz_load_ps(tm, c + n * 16), s, tot[n]);
         }
@@ -279,7 +278,6 @@ HM_AVX512 static void hm_rows_fp8_t1(const hm_weight *w, const uint16_t *xp, con
                                      int64_t r0, int64_t r1) {
     const hm_fp8_tables ts = hm_fp8s_tables_load();
     const int64_t full = w->cols / 64 * 64, nbi = (w->cols + 127) / 128;
-    const float back = 0x1p40f; /* 2^104 / 2^64 */
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = w->data + r * w->cols;
         const float *sc = (const float *)w->scale + (r / 128) * nbi;
@@ -291,7 +289,7 @@ HM_AVX512 static void hm_rows_fp8_t1(const hm_weight *w, const uint16_t *xp, con
             b0 = hm_dp(b0, w0, _mm512_loadu_si512(xs + c));
             b1 = hm_dp(b1, w1, _mm512_loadu_si512(xs + c + 32));
             if ((c & 127) == 64 || c + 64 == full) { /* end of a 128-column scale block */
-                total = _mm512_fmadd_ps(_mm512_add_ps(b0, b1), _mm512_set1_ps(sc[c / 128] * back), total);
+                total = _mm512_fmadd_ps(_mm512_add_ps(b0, b1), _mm512_set1_ps(sc[c / 128] * HM_FP8S_BACK), total);
                 b0 = b1 = _mm512_setzero_ps();
             }
         }

@@ -225,13 +225,18 @@ HM_AVX512 static void hm_row_fp8(const hm_weight *w, int64_t r, const uint16_t *
     HM_TOKEN_BLOCKS(hm_row_fp8_nt, HM_TB)
 }
 
+/* Four bf16 group scales -> fp32, 128-bit lane g holding sc[g] (a 128-weight INT4 chunk at groups
+ * of 32 holds group g in lane g). */
+HM_AVX512 static inline __m512 hm_g32_scale_lanes(const uint16_t *sc) {
+    __m128 f = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(_mm_loadl_epi64((const __m128i *)sc)), 16));
+    return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                                 _mm512_castps128_ps512(f));
+}
+
 HM_AVX512 static inline __m512 hm_int4_scales(const hm_weight *w, int64_t r, int64_t c) {
     const uint16_t *sc = (const uint16_t *)w->scale + r * (w->cols / w->group) + c / w->group;
     if (w->group == 128) return _mm512_set1_ps(hm_bf16_to_f32(sc[0]));
-    __m128i four = _mm_loadl_epi64((const __m128i *)sc); /* 4 bf16 scales, one per lane */
-    __m128 f = _mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(four), 16));
-    return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
-                                 _mm512_castps128_ps512(f));
+    return hm_g32_scale_lanes(sc);
 }
 
 HM_AVX512 static inline __attribute__((always_inline)) void hm_row_int4_nt(

@@ -79,12 +79,8 @@ HM_VNNI static inline __attribute__((always_inline)) void hm_vnni_scales(const h
         _mm512_storeu_ps(out, _mm512_mul_ps(f, _mm512_maskz_loadu_ps(m, ex + k0)));
         return;
     }
-    const __m512i lanes = _mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0);
-    for (int j = 0; j < n; j++) {
-        const __m128i h = _mm_loadl_epi64((const __m128i *)(sc + 4 * (k0 + j)));
-        const __m128 f = _mm_mul_ps(_mm_castsi128_ps(_mm_slli_epi32(_mm_cvtepu16_epi32(h), 16)), _mm_set1_ps(ex[k0 + j]));
-        _mm512_store_ps(out + 16 * j, _mm512_permutexvar_ps(lanes, _mm512_castps128_ps512(f)));
-    }
+    for (int j = 0; j < n; j++)
+        _mm512_store_ps(out + 16 * j, _mm512_mul_ps(hm_g32_scale_lanes(sc + 4 * (k0 + j)), _mm512_set1_ps(ex[k0 + j])));
 }
 
 /* y[t][r] for rows [r0, r1) and nt tokens (a constant where inlined, so that the sums stay in

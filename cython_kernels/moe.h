@@ -45,8 +45,9 @@ static void hm_prepare_x(int variant, int fmt, const float *x, int T, int64_t in
  * 10 cycles per 64 weight bytes with the data in L1, against 7 aligned). */
 static void *hm_alloc64(size_t n) { return aligned_alloc(64, (n + 63) / 64 * 64); }
 
-/* For the AMX paths, VNNI for INT4 at 1-2 tokens and FP8's one-token kernel: xp's activations in that path's layout, in
- * a new buffer (NULL when none applies, or memory ran out: the AVX-512 path then runs). */
+/* For the AMX paths, VNNI for INT4 at 1-2 tokens and FP8's one-token kernel: xp's activations in
+ * that path's layout, in a new buffer (NULL when none applies, or memory ran out: the AVX-512
+ * path then runs). */
 static uint32_t *hm_kernel_xb(int variant, const hm_weight *w, const void *xp, int T) {
 #if defined(__x86_64__)
     if (variant != HM_AVX512_BF16 || !hm_xb_applies(w, T)) return NULL;
