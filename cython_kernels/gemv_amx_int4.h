@@ -511,12 +511,14 @@ HM_AMX8 static void hm_rows16_int4_amx8(const hm_weight *w, const uint32_t *xb, 
         for (int q = 0; q < NC; q++) _mm512_storeu_ps(v + 16 * q, acc[q]);
     else
         for (int n = 0; n < 16; n++) _mm512_storeu_ps(v + 16 * n, acc[n]);
-    for (int n = 0; n < 16; n++)
-        for (int t = 0; t < T; t++) {
-            float sum = 0.f;
-            for (int pg = 0; pg < 2 * G; pg++) sum += T == 1 ? v[n * NC + pg] : v[16 * n + pg * T + t];
-            y[t * ldy + r0 + n] = sum;
-        }
+    __m512 out[16];
+    for (int n = 0; n < 16; n++) {
+        float s[16] = {0};
+        for (int t = 0; t < T; t++)
+            for (int pg = 0; pg < 2 * G; pg++) s[t] += T == 1 ? v[n * NC + pg] : v[16 * n + pg * T + t];
+        out[n] = _mm512_loadu_ps(s);
+    }
+    hm_store_rows16(out, T, y, ldy, r0);
 }
 
 #endif
