@@ -12,7 +12,7 @@ extensions = [
               extra_compile_args=["-O3", "-fopenmp", "-Wno-unused-function"], extra_link_args=["-fopenmp"],
               depends=["cython_kernels/gemv_generic.h", "cython_kernels/gemv_avx512.h", "cython_kernels/gemv_amx.h",
                        "cython_kernels/gemv_amx_int4.h", "cython_kernels/gemv_int4_vnni.h",
-                       "cython_kernels/moe.h",
+                       "cython_kernels/moe.h", "cython_kernels/attention.h",
                        "cython_kernels/gemv_f32simd.h", "cython_kernels/gemv_f32simd_variants.h",
                        "cython_kernels/gemv_f32simd_unmap.h"]),
 ]

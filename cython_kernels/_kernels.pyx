@@ -30,6 +30,26 @@ cdef extern from "moe.h" nogil:
     int hm_vnni_available
     int hm_vnni_enabled
 
+cdef extern from "attention.h" nogil:
+    ctypedef struct hm_attn:
+        const void *cache
+        int bf16
+        int64_t width
+        const int64_t *blocks
+        int64_t block_size
+        int64_t length
+        int heads
+        int kv_heads
+        int dk
+        int dv
+        int64_t k_off
+        int64_t k_head
+        int64_t v_off
+        int64_t v_head
+        float scale
+
+    int hm_decode_attention(const hm_attn *a, int avx512, const float *q, float *out, int nthreads)
+
 hm_init()
 
 
@@ -132,3 +152,20 @@ def read_sum(uintptr_t p, int64_t n, int nthreads):
     with nogil:
         r = hm_read_sum(<const uint64_t *> p, n, nthreads)
     return r
+
+
+def decode_attention(uintptr_t cache, bint bf16, int64_t width, uintptr_t blocks, int64_t block_size,
+                     int64_t length, int heads, int kv_heads, int dk, int dv, int64_t k_off, int64_t k_head,
+                     int64_t v_off, int64_t v_head, float scale, uintptr_t q, uintptr_t out, bint avx512,
+                     int nthreads):
+    """One query token's attention over a paged cache (see attention.h)."""
+    cdef hm_attn a
+    cdef int rc
+    a.cache = <const void *> cache
+    a.bf16, a.width, a.blocks = bf16, width, <const int64_t *> blocks
+    a.block_size, a.length, a.heads, a.kv_heads, a.dk, a.dv = block_size, length, heads, kv_heads, dk, dv
+    a.k_off, a.k_head, a.v_off, a.v_head, a.scale = k_off, k_head, v_off, v_head, scale
+    with nogil:
+        rc = hm_decode_attention(&a, avx512, <const float *> q, <float *> out, nthreads)
+    if rc != 0:
+        raise MemoryError("decode_attention: out of memory for its scratch buffers")

@@ -116,6 +116,53 @@ def gemv(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = None, *, va
     return out
 
 
+def decode_attention(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, block_size: int, length: int, *,
+                     kv_heads: int, k_off: int, k_head: int, v_off: int, v_head: int, dv: int, scale: float,
+                     variant: str | None = None, threads: int | None = None) -> torch.Tensor:
+    """One new token's attention over a sequence's cached positions, read in place from a paged
+    cache: returns [heads, dv] float32.
+
+    ``q`` [heads, dk] (float32 or bfloat16); ``cache`` [rows, width] (float32 or bfloat16,
+    contiguous): position p is row ``blocks[p // block_size] * block_size + p % block_size``.
+    Query head h reads kv head ``j = h // (heads // kv_heads)``, whose key is ``dk`` elements at
+    ``k_off + j * k_head`` of the entry and whose value ``dv`` elements at ``v_off + j * v_head``.
+    Scores, softmax and sums are fp32 whatever the cache's dtype. The AVX-512 variants take the
+    vector path when dk and dv are multiples of 16; every other case the portable one."""
+    code = _variant_code(variant)
+    if q.dim() != 2 or q.dtype not in (torch.float32, torch.bfloat16) or q.device.type != "cpu":
+        raise ValueError(f"decode_attention: q must be a CPU float32/bfloat16 [heads, dk] tensor, got "
+                         f"{q.dtype} {list(q.shape)} on {q.device}")
+    heads, dk = q.shape
+    if cache.dim() != 2 or cache.dtype not in (torch.float32, torch.bfloat16) or cache.device.type != "cpu" \
+            or not cache.is_contiguous():
+        raise ValueError(f"decode_attention: cache must be a contiguous CPU float32/bfloat16 [rows, width] tensor, "
+                         f"got {cache.dtype} {list(cache.shape)} on {cache.device}")
+    rows, width = cache.shape
+    if kv_heads < 1 or heads % kv_heads:
+        raise ValueError(f"decode_attention: {heads} query heads do not split over {kv_heads} kv heads")
+    if dv < 1 or dk < 1 or min(k_off, v_off, k_head, v_head) < 0 \
+            or k_off + (kv_heads - 1) * k_head + dk > width or v_off + (kv_heads - 1) * v_head + dv > width:
+        raise ValueError(f"decode_attention: keys ({dk} at {k_off} + j * {k_head}) or values ({dv} at {v_off} + "
+                         f"j * {v_head}) of {kv_heads} kv heads overrun entries of {width}")
+    if block_size < 1 or length < 0:
+        raise ValueError(f"decode_attention: block_size must be >= 1 and length >= 0, got {block_size}, {length}")
+    n = -(-length // block_size)
+    if blocks.dim() != 1 or blocks.dtype != torch.int64 or blocks.device.type != "cpu" or not blocks.is_contiguous() \
+            or blocks.shape[0] < n:
+        raise ValueError(f"decode_attention: blocks must be a contiguous CPU int64 vector of at least {n} ids "
+                         f"(length {length}, block_size {block_size}), got {blocks.dtype} {list(blocks.shape)}")
+    if n and (int(blocks[:n].min()) < 0 or (int(blocks[:n].max()) + 1) * block_size > rows):
+        raise ValueError(f"decode_attention: block ids must lie in [0, {rows // block_size}) for a cache of {rows} rows")
+    qf = q.float().contiguous()
+    out = torch.empty(heads, dv, dtype=torch.float32)
+    avx512 = code in (_kernels.VARIANT_CODES["avx512_bf16"], _kernels.VARIANT_CODES["avx512f"]) \
+        and dk % 16 == 0 and dv % 16 == 0 and k_off % 16 == 0 and v_off % 16 == 0
+    _kernels.decode_attention(cache.data_ptr(), cache.dtype == torch.bfloat16, width, blocks.data_ptr(), block_size,
+                              length, heads, kv_heads, dk, dv, k_off, k_head, v_off, v_head, scale, qf.data_ptr(),
+                              out.data_ptr(), avx512, threads or default_threads())
+    return out
+
+
 def dequantize_fp8(w: QuantWeight, *, threads: int | None = None) -> torch.Tensor:
     """An FP8 weight ([out, in] or stacked [E, out, in]) as bfloat16, equal to
     ``shared.quant.dequantize(w, torch.bfloat16)`` and many times faster than torch's conversion

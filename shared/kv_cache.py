@@ -83,6 +83,14 @@ class SequenceKV:
 
     def __init__(self, cache: PagedKVCache, table: list[int]) -> None:
         self.cache, self.table = cache, table
+        self._blocks: torch.Tensor | None = None
+
+    def paged(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The layer's whole cache [rows, width], this sequence's block ids (int64, on the cache's
+        device) and the block size: for attention that reads the blocks where they lie."""
+        if self._blocks is None:  # one table per view: the engine makes a view per step
+            self._blocks = torch.tensor(self.table, dtype=torch.int64, device=self.cache.layers[layer].device)
+        return self.cache.layers[layer], self._blocks, self.cache.block_size
 
     def write(self, layer: int, start: int, entries: torch.Tensor) -> None:
         self.cache.write(layer, self.table, start, entries)

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 import cython_kernels
 from cython_kernels import api
 from shared.deepseek_v3 import MLAttention
-from shared.layers import LINEAR_OVERRIDE, CausalLM, DecoderLayer, MoE, RoutedExperts
+from shared.layers import LINEAR_OVERRIDE, CausalLM, DecoderLayer, GQAttention, MoE, RoutedExperts
 from shared.quant import QuantWeight
 
 
@@ -122,6 +122,9 @@ class ModelRunner:
         self.absorbed_mla = absorbed_mla
         self.cpu_lm_head = cpu_lm_head and model.device.type == "cpu"
         self.max_kernel_rows = kernel_linear_max_rows()
+        # one-token GQA attention straight from the paged cache, where the kernels have the vector
+        # path for it (their portable one is slower than torch's gather and matmuls)
+        self.paged_attention = self.cpu_lm_head and cython_kernels.VARIANT in ("avx512_bf16", "avx512f")
         if self.cpu_lm_head:
             align_for_kernels(model)
 
@@ -183,7 +186,10 @@ class ModelRunner:
             s.kv.write(li, s.start, es)
             if kv_hook is not None:
                 kv_hook(li, s, es)
-            outs.append(attn.attend(qs, s.kv.read(li, s.end), **kwargs))
+            if self.paged_attention and qs.shape[0] == 1 and isinstance(attn, GQAttention) and hasattr(s.kv, "paged"):
+                outs.append(attn.attend_paged(qs, *s.kv.paged(li), s.end))
+            else:
+                outs.append(attn.attend(qs, s.kv.read(li, s.end), **kwargs))
         mb.x = mb.x + attn.output(torch.cat(outs))
 
     def _start_ffn(self, li: int, layer: DecoderLayer, mb: _MicroBatch) -> None:
