@@ -152,7 +152,8 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
         raise ValueError(f"decode_attention: blocks must be a contiguous CPU int64 vector of at least {n} ids "
                          f"(length {length}, block_size {block_size}), got {blocks.dtype} {list(blocks.shape)}")
     if n and (int(blocks[:n].min()) < 0 or (int(blocks[:n].max()) + 1) * block_size > rows):
-        raise ValueError(f"decode_attention: block ids must lie in [0, {rows // block_size}) for a cache of {rows} rows")
+        raise ValueError(f"decode_attention: block ids must lie in [0, {rows // block_size}) "
+                         f"for a cache of {rows} rows")
     qf = q.float().contiguous()
     out = torch.empty(heads, dv, dtype=torch.float32)
     avx512 = code in (_kernels.VARIANT_CODES["avx512_bf16"], _kernels.VARIANT_CODES["avx512f"]) \

@@ -96,13 +96,17 @@ def test_decode_attention_bad_input():
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-mixtral"])
-def test_engine_uses_paged_attention_and_matches_gathered(tiny_models, preset):
+def test_engine_uses_paged_attention_and_matches_gathered(tiny_models, preset, monkeypatch):
     """The decode engine's one-token steps read attention in place (where the vector kernel runs)
     and produce the same tokens and logits as the gathered torch path."""
     from services.engine.decode import DecodeEngine
+    from shared.layers import GQAttention
     from shared.model import load_model
     from shared.sampling import SamplingParams
 
+    calls = []
+    original = GQAttention.attend_paged
+    monkeypatch.setattr(GQAttention, "attend_paged", lambda self, *a: calls.append(1) or original(self, *a))
     results = []
     for paged in (True, False):
         m = load_model(tiny_models[preset, "fp8"], dtype=torch.float32)
@@ -110,17 +114,10 @@ def test_engine_uses_paged_attention_and_matches_gathered(tiny_models, preset):
         if paged and not eng.runner.paged_attention:
             pytest.skip("this CPU has no AVX-512: the engine keeps torch's attention")
         eng.runner.paged_attention = paged
-        calls = []
-        if paged:
-            attend_paged = type(m.layers[0].attn).attend_paged
-            type(m.layers[0].attn).attend_paged = lambda self, *a: calls.append(1) or attend_paged(self, *a)
+        calls.clear()
         for i, n in enumerate((5, 13, 2)):
             eng.add(str(i), list(range(3, 3 + n)), SamplingParams(max_tokens=6, ignore_eos=True))
-        try:
-            results.append(eng.run_all())
-        finally:
-            if paged:
-                type(m.layers[0].attn).attend_paged = attend_paged
+        results.append(eng.run_all())
         assert bool(calls) == paged
     for rid, events in results[0].items():
         other = results[1][rid]
