@@ -66,7 +66,12 @@ class PagedKVCache:
         if (start + entries.shape[0]) > len(table) * self.block_size:
             raise ValueError(f"positions up to {start + entries.shape[0]} do not fit {len(table)} blocks")
         buf = self.layers[layer]
-        buf[self._slots(table, start, entries.shape[0])] = entries.to(buf.device, self.dtype)
+        n, bs = entries.shape[0], self.block_size
+        if n and start // bs == (start + n - 1) // bs:  # within one block (decode): a slice, no index tensor
+            row = table[start // bs] * bs + start % bs
+            buf[row : row + n] = entries.to(buf.device, self.dtype)
+            return
+        buf[self._slots(table, start, n)] = entries.to(buf.device, self.dtype)
 
     def read(self, layer: int, table: list[int], length: int) -> torch.Tensor:
         """The first ``length`` entries of the sequence with ``table``: [length, width]."""

@@ -411,3 +411,36 @@ def test_suffix_causal_sdpa_on_cuda_never_builds_the_score_matrix():
     scores = H * T * L * 2
     assert out.shape == (H, T, 128) and torch.isfinite(out).all()
     assert torch.cuda.max_memory_allocated() - base < scores / 3  # v padded to 192 and the output: ~30 MB
+
+
+def test_paged_cache_writes_within_and_across_blocks():
+    """A write inside one block takes the slice path, one across blocks the index path: both land
+    where reads find them, and nothing else moves."""
+    from shared.kv_cache import PagedKVCache
+
+    cache = PagedKVCache([6], num_blocks=8, block_size=4, dtype=torch.float32)
+    table = [5, 2, 7]
+    entries = torch.arange(60, dtype=torch.float32).view(10, 6)
+    cache.write(0, table, 0, entries[:3])  # within block 5
+    cache.write(0, table, 3, entries[3:9])  # block 5's last slot, all of 2, the first of 7
+    cache.write(0, table, 9, entries[9:])  # one token (decode)
+    assert torch.equal(cache.read(0, table, 10), entries)
+    untouched = [b for b in range(8) if b not in table]
+    assert not cache.layers[0].view(8, 4, 6)[untouched].any()
+
+
+def test_rotary_tables_follow_the_positions():
+    """Rotary keeps the last tables; new positions, or the same tensor changed in place, get new
+    ones."""
+    from shared.layers import Rotary
+
+    rot = Rotary({"rope_theta": 10000.0, "rope_type": "default"}, 8, interleaved=False)
+    pos = torch.tensor([[3, 4]])
+    cos, sin = rot.cos_sin(pos, torch.float32)
+    again = rot.cos_sin(pos.clone(), torch.float32)
+    assert again[0] is cos and again[1] is sin
+    pos[0, 1] = 9
+    cos9, _ = rot.cos_sin(pos, torch.float32)
+    fresh = Rotary({"rope_theta": 10000.0, "rope_type": "default"}, 8, interleaved=False).cos_sin(pos, torch.float32)
+    assert torch.equal(cos9, fresh[0]) and not torch.equal(cos9, cos)
+    assert rot.cos_sin(pos, torch.bfloat16)[0].dtype == torch.bfloat16
