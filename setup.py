@@ -11,7 +11,8 @@ extensions = [
     # -falign-loops=64: the hot loops' speed moved with where other code put them (adding an
     # unrelated header made the BF16 row kernel 5-9 % slower on the LM head; aligned, it is not).
     Extension("cython_kernels._kernels", ["cython_kernels/_kernels.pyx"], include_dirs=["cython_kernels"],
-              extra_compile_args=["-O3", "-fopenmp", "-Wno-unused-function", "-falign-loops=64"], extra_link_args=["-fopenmp"],
+              extra_compile_args=["-O3", "-fopenmp", "-Wno-unused-function", "-falign-loops=64"],
+              extra_link_args=["-fopenmp"],
               depends=["cython_kernels/gemv_generic.h", "cython_kernels/gemv_avx512.h", "cython_kernels/gemv_amx.h",
                        "cython_kernels/gemv_amx_int4.h", "cython_kernels/gemv_int4_vnni.h",
                        "cython_kernels/moe.h", "cython_kernels/attention.h",

@@ -157,7 +157,7 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
     qf = q.float().contiguous()
     out = torch.empty(heads, dv, dtype=torch.float32)
     avx512 = code in (_kernels.VARIANT_CODES["avx512_bf16"], _kernels.VARIANT_CODES["avx512f"]) \
-        and dk % 16 == 0 and dv % 16 == 0 and k_off % 16 == 0 and v_off % 16 == 0
+        and dk % 16 == 0 and dv % 16 == 0
     _kernels.decode_attention(cache.data_ptr(), cache.dtype == torch.bfloat16, width, blocks.data_ptr(), block_size,
                               length, heads, kv_heads, dk, dv, k_off, k_head, v_off, v_head, scale, qf.data_ptr(),
                               out.data_ptr(), avx512, threads or default_threads())

@@ -104,7 +104,8 @@ static inline __attribute__((always_inline)) void hm_prefetch_next_heads(const h
     if (nrows <= 0 || k >= nb) return;
     const char *next = (const char *)w->data + (r0 + 16) * rb;
     const int64_t lines = nrows * (HM_AMX_NEXT_HEAD / 64), per = (lines + nb - 1) / nb;
-    /* row by row (q / 4, a shift): a division per line here cost 2-3 cycles per 64 weight bytes */
+    /* row by row (q / 4, a shift): the divisions by nrows cost 2 cycles per 64 weight bytes in the
+     * loop on its own (inside the kernels they hid behind the rest) */
     for (int64_t q = k * per; q < (k + 1) * per && q < lines; q++)
         _mm_prefetch(next + (q / (HM_AMX_NEXT_HEAD / 64)) * rb + (q % (HM_AMX_NEXT_HEAD / 64)) * 64, _MM_HINT_T1);
 }

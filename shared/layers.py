@@ -43,7 +43,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # in fp32, as transformers does, through torch's fused op (one op instead of five: decode
-        # runs this twice a layer on a row or two, where each op's dispatch is the cost)
+        # runs this several times a layer on a row or two, where each op's dispatch is the cost)
         xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * xf.to(x.dtype)
 
