@@ -444,3 +444,23 @@ def test_rotary_tables_follow_the_positions():
     fresh = Rotary({"rope_theta": 10000.0, "rope_type": "default"}, 8, interleaved=False).cos_sin(pos, torch.float32)
     assert torch.equal(cos9, fresh[0]) and not torch.equal(cos9, cos)
     assert rot.cos_sin(pos, torch.bfloat16)[0].dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotary_apply_equals_the_textbook_form(interleaved, dtype):
+    """apply's four-op form (x (cos, cos) + roll(x) (-sin, sin)) rounds exactly as
+    (x1 cos - x2 sin, x2 cos + x1 sin) does, for halves and for interleaved pairs, with tables
+    from cos_sin (the kept doubled ones) and from elsewhere."""
+    from shared.layers import Rotary
+
+    rot = Rotary({"rope_theta": 10000.0, "rope_type": "default"}, 16, interleaved=interleaved)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, 5, 16, generator=g).to(dtype)
+    cos, sin = rot.cos_sin(torch.arange(5)[None].expand(2, 5), dtype)
+    x1, x2 = (x[..., 0::2], x[..., 1::2]) if interleaved else x.chunk(2, dim=-1)
+    c, s = cos.unsqueeze(1), sin.unsqueeze(1)
+    ref = torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+    assert torch.equal(rot.apply(x, cos, sin), ref)
+    assert torch.equal(rot.apply(x, cos, sin), ref)  # the doubled tables kept
+    assert torch.equal(rot.apply(x, cos.clone(), sin.clone()), ref)  # tables not from the last cos_sin
