@@ -395,15 +395,25 @@ class GQAttention(nn.Module):
 
     def qkv(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """x [B, T, D] -> q [B, H, T, Dh], k and v [B, K, T, Dh], rope applied."""
-        q = linear(x, self.q_proj).unflatten(-1, (self.heads, self.head_dim))
-        k = linear(x, self.k_proj).unflatten(-1, (self.kv_heads, self.head_dim))
-        v = linear(x, self.v_proj).unflatten(-1, (self.kv_heads, self.head_dim))
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = self._qkv_heads(x, positions)
+        return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+
+    def _qkv_heads(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """x [B, T, D] -> q [B, T, H, Dh], k and v [B, T, K, Dh], rope applied. q and k go through
+        the norms and rope as one tensor (each head's rows are independent, so the results are
+        the same as head group by head group): in decode every op counts, not its size."""
+        H, K, Dh = self.heads, self.kv_heads, self.head_dim
+        q = linear(x, self.q_proj).unflatten(-1, (H, Dh))
+        k = linear(x, self.k_proj).unflatten(-1, (K, Dh))
+        v = linear(x, self.v_proj).unflatten(-1, (K, Dh))
+        qk = torch.cat((q, k), dim=-2)  # [B, T, H + K, Dh]
+        if self.q_norm is not None:  # RMSNorm's math, with q_norm's weight on q's heads, k_norm's on k's
+            w = torch.cat((self.q_norm.weight.expand(H, Dh), self.k_norm.weight.expand(K, Dh)))
+            qk = w * F.rms_norm(qk.float(), (Dh,), eps=self.q_norm.eps).to(qk.dtype)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        q = self.rotary.apply(q.transpose(1, 2), cos, sin)
-        k = self.rotary.apply(k.transpose(1, 2), cos, sin)
-        return q, k, v.transpose(1, 2)
+        qk = self.rotary.apply(qk.transpose(1, 2), cos, sin).transpose(1, 2)  # [B, T, H + K, Dh]
+        q, k = qk.split([H, K], dim=-2)
+        return q, k, v
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         q, k, v = self.qkv(x, positions)
@@ -418,9 +428,8 @@ class GQAttention(nn.Module):
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], positions [N] -> queries [N, H, Dh], cache entries [N, kv_width]."""
-        q, k, v = self.qkv(x.unsqueeze(0), positions.unsqueeze(0))  # [1, heads, N, Dh]
-        entry = torch.cat((k[0].transpose(0, 1).flatten(1), v[0].transpose(0, 1).flatten(1)), dim=-1)
-        return q[0].transpose(0, 1), entry
+        q, k, v = self._qkv_heads(x.unsqueeze(0), positions.unsqueeze(0))  # [1, N, heads, Dh]
+        return q[0], torch.cat((k[0], v[0]), dim=1).flatten(1)
 
     def attend(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
         """One sequence: q [T, H, Dh] for its last T tokens, kv [L, kv_width] -> [T, H * Dh]."""

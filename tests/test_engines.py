@@ -464,3 +464,32 @@ def test_rotary_apply_equals_the_textbook_form(interleaved, dtype):
     assert torch.equal(rot.apply(x, cos, sin), ref)
     assert torch.equal(rot.apply(x, cos, sin), ref)  # the doubled tables kept
     assert torch.equal(rot.apply(x, cos.clone(), sin.clone()), ref)  # tables not from the last cos_sin
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-mixtral"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gqa_projection_equals_per_group_form(tiny_models, preset, dtype):
+    """qkv runs q and k through the norms and rope as one tensor: bit for bit what q_norm, k_norm
+    and rope give head group by head group."""
+    from shared.layers import GQAttention
+
+    model = load_model(tiny_models[preset, "bf16"], dtype=dtype)
+    attn = next(m for m in model.modules() if isinstance(m, GQAttention))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, attn.q_proj.shape[1], generator=g).to(dtype)
+    pos = torch.arange(3, 8)[None].expand(2, 5)
+    H, K, Dh = attn.heads, attn.kv_heads, attn.head_dim
+    q = F.linear(x, attn.q_proj).unflatten(-1, (H, Dh))
+    k = F.linear(x, attn.k_proj).unflatten(-1, (K, Dh))
+    v = F.linear(x, attn.v_proj).unflatten(-1, (K, Dh))
+    if attn.q_norm is not None:
+        q, k = attn.q_norm(q), attn.k_norm(k)
+    cos, sin = attn.rotary.cos_sin(pos, dtype)
+    ref = (attn.rotary.apply(q.transpose(1, 2), cos, sin), attn.rotary.apply(k.transpose(1, 2), cos, sin),
+           v.transpose(1, 2))
+    for got, want in zip(attn.qkv(x, pos), ref, strict=True):
+        assert torch.equal(got, want)
+    qe, entries = attn.project(x[0], pos[0])
+    assert torch.equal(qe, ref[0][0].transpose(0, 1))
+    k0, v0 = ref[1][0].transpose(0, 1).flatten(1), ref[2][0].transpose(0, 1).flatten(1)
+    assert torch.equal(entries, torch.cat((k0, v0), -1))
