@@ -17,6 +17,8 @@ cdef extern from "moe.h" nogil:
     void hm_init()
     int hm_xp_elem(int variant)
     void hm_gemv(int variant, const hm_weight *w, const float *x, int T, float *y, void *xp, int nthreads)
+    int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x, int T, float *y, void *xp,
+                      int nthreads)
     int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *up, const hm_weight *down,
                        int64_t E, const float *x, int T, int k, const int64_t *ids, const float *wts,
                        float *out, int nthreads)
@@ -115,6 +117,20 @@ def gemv(int variant, tuple w, uintptr_t x, int T, uintptr_t y, uintptr_t xp, in
     cdef hm_weight hw = _weight(w)
     with nogil:
         hm_gemv(variant, &hw, <const float *> x, T, <float *> y, <void *> xp, nthreads)
+
+
+def gemv_multi(int variant, list ws, uintptr_t x, int T, uintptr_t y, uintptr_t xp, int nthreads):
+    """ws: weight tuples of one format, group and input size; y [T][sum of rows]."""
+    cdef hm_weight hw[16]
+    cdef int n = len(ws), rc
+    if n < 1 or n > 16:
+        raise ValueError("gemv_multi takes 1 to 16 weights")
+    for i in range(n):
+        hw[i] = _weight(ws[i])
+    with nogil:
+        rc = hm_gemv_multi(variant, hw, n, <const float *> x, T, <float *> y, <void *> xp, nthreads)
+    if rc != 0:
+        raise ValueError("gemv_multi: the weights differ in format, group or input size")
 
 
 def moe_forward(int variant, tuple gate, tuple up, tuple down, int64_t E, uintptr_t x, int T, int k,

@@ -116,6 +116,27 @@ def gemv(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = None, *, va
     return out
 
 
+def gemv_multi(x: torch.Tensor, ws: list[QuantWeight] | tuple[QuantWeight, ...], *, variant: str | None = None,
+               threads: int | None = None) -> torch.Tensor:
+    """``gemv`` of several weights (1 to 16, one format and input size) against the same x in one
+    call: returns [T, sum of their rows] float32, weight i's outputs in its own column range. The
+    activations are prepared once and the threads forked once (decode's q, k and v)."""
+    code = _variant_code(variant)
+    if not isinstance(ws, (list, tuple)) or not 1 <= len(ws) <= 16:
+        raise ValueError(f"gemv_multi: expected a list of 1 to 16 weights, got {type(ws).__name__}")
+    wts = [_check_weight(w, f"gemv_multi weight {i}", stacked=False) for i, w in enumerate(ws)]
+    if len({(w.fmt, w.shape[1]) for w in ws}) != 1:
+        raise ValueError(f"gemv_multi: the weights differ in format or input size: "
+                         f"{[(w.fmt, list(w.shape)) for w in ws]}")
+    cols = ws[0].shape[1]
+    xf = _activations(x, cols, "gemv_multi")
+    T = xf.shape[0]
+    out = torch.empty(T, sum(w.shape[0] for w in ws), dtype=torch.float32)
+    xp = torch.empty(T * cols * _kernels.xp_bytes_per_element(code), dtype=torch.uint8)
+    _kernels.gemv_multi(code, wts, xf.data_ptr(), T, out.data_ptr(), xp.data_ptr(), threads or default_threads())
+    return out
+
+
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, block_size: int, length: int, *,
                      kv_heads: int, k_off: int, k_head: int, v_off: int, v_head: int, dv: int, scale: float,
                      variant: str | None = None, threads: int | None = None) -> torch.Tensor:

@@ -86,6 +86,37 @@ static void hm_gemv(int variant, const hm_weight *w, const float *x, int T, floa
     free(xb);
 }
 
+/* Several weights of one format and input size against the same x, in one parallel region:
+ * y [T][sum of rows], weight i's outputs in columns [off_i, off_i + rows_i). One preparation of
+ * the activations (and of a kernel layout, which depends only on format, columns and T), one
+ * fork and join instead of one per weight (decode's q, k and v projections). Returns 0, or -1 if
+ * the weights differ in format, group or columns. */
+static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x, int T, float *y, void *xp,
+                         int nthreads) {
+    int64_t ldy = 0, tiles = 0;
+    for (int i = 0; i < n; i++) {
+        if (ws[i].fmt != ws[0].fmt || ws[i].group != ws[0].group || ws[i].cols != ws[0].cols) return -1;
+        ldy += ws[i].rows;
+        tiles += (ws[i].rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
+    }
+    hm_prepare_x(variant, ws[0].fmt, x, T, ws[0].cols, xp);
+    uint32_t *xb = hm_kernel_xb(variant, &ws[0], xp, T);
+#pragma omp parallel for schedule(guided) num_threads(nthreads)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t i = 0, first = 0, off = 0; /* the weight tile t falls in */
+        for (;; i++) {
+            const int64_t nt = (ws[i].rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
+            if (t < first + nt) break;
+            first += nt, off += ws[i].rows;
+        }
+        const int64_t r0 = (t - first) * HM_ROWS_PER_TILE;
+        const int64_t r1 = r0 + HM_ROWS_PER_TILE < ws[i].rows ? r0 + HM_ROWS_PER_TILE : ws[i].rows;
+        hm_gemv_rows(variant, &ws[i], xp, xb, T, y + off, ldy, r0, r1);
+    }
+    free(xb);
+    return 0;
+}
+
 /* A whole FP8 weight ([rows, cols], or E stacked experts as E * rows rows with per-expert
  * scale blocks) dequantized to bf16, rows spread over the threads. */
 static void hm_dequant_fp8(const hm_weight *w, int64_t E, uint16_t *out, int nthreads) {

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextvars
 import math
 from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +23,9 @@ from shared.checkpoint import CheckpointError, HFConfig
 from shared.quant import QuantWeight
 
 # A faster y = x W^T for some shapes (the engines' CPU decode sets the kernels' BF16 GEMV here for
-# the few-token case); it returns None to decline. Scoped to a context, never a module global.
-LINEAR_OVERRIDE: contextvars.ContextVar[Callable[[torch.Tensor, torch.Tensor], torch.Tensor | None] | None] = \
+# the few-token case): called with one weight, or a tuple of weights for the same x (then it
+# returns a tuple of outputs); it returns None to decline. Scoped to a context, never a module global.
+LINEAR_OVERRIDE: contextvars.ContextVar[Callable[[torch.Tensor, Any], Any] | None] = \
     contextvars.ContextVar("LINEAR_OVERRIDE", default=None)
 
 
@@ -33,6 +35,15 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if fast is not None and (y := fast(x, w)) is not None:
         return y
     return F.linear(x, w)
+
+
+def linears(x: torch.Tensor, ws: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """``F.linear(x, w)`` for each w, or the context's override for all of them in one call when it
+    takes them (one read of x, one fork of the kernels' threads)."""
+    fast = LINEAR_OVERRIDE.get()
+    if fast is not None and (ys := fast(x, tuple(ws))) is not None:
+        return ys
+    return tuple(F.linear(x, w) for w in ws)
 
 
 class RMSNorm(nn.Module):
@@ -403,9 +414,8 @@ class GQAttention(nn.Module):
         the norms and rope as one tensor (each head's rows are independent, so the results are
         the same as head group by head group): in decode every op counts, not its size."""
         H, K, Dh = self.heads, self.kv_heads, self.head_dim
-        q = linear(x, self.q_proj).unflatten(-1, (H, Dh))
-        k = linear(x, self.k_proj).unflatten(-1, (K, Dh))
-        v = linear(x, self.v_proj).unflatten(-1, (K, Dh))
+        q, k, v = linears(x, (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = q.unflatten(-1, (H, Dh)), k.unflatten(-1, (K, Dh)), v.unflatten(-1, (K, Dh))
         qk = torch.cat((q, k), dim=-2)  # [B, T, H + K, Dh]
         if self.q_norm is not None:  # RMSNorm's math, with q_norm's weight on q's heads, k_norm's on k's
             w = torch.cat((self.q_norm.weight.expand(H, Dh), self.k_norm.weight.expand(K, Dh)))

@@ -352,3 +352,32 @@ def test_fp8_one_token_rows(amx_switch, rows):
             amx_switch(amx)
             y = api.gemv(x, w, variant="avx512_bf16", threads=2).double()
             assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-5, cols
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tokens", [1, 3, 16])
+def test_gemv_multi_equals_separate_calls(variant, fmt, tokens):
+    """Several weights in one call (decode's q, k, v): bit for bit the separate calls, each in its
+    own columns, with row counts that are not multiples of the 16-row tile."""
+    g = torch.Generator().manual_seed(tokens)
+    ws = [_q(torch.randn(rows, 256, generator=g) * 0.05, fmt) for rows in (40, 16, 7)]
+    x = torch.randn(tokens, 256, generator=g)
+    y = api.gemv_multi(x, ws, variant=variant, threads=2)
+    assert y.shape == (tokens, 63)
+    assert torch.equal(y, torch.cat([api.gemv(x, w, variant=variant, threads=2) for w in ws], dim=1))
+
+
+def test_gemv_multi_bad_input():
+    g = torch.Generator().manual_seed(0)
+    a, b = _q(torch.randn(32, 256, generator=g), "fp8_b128"), _q(torch.randn(32, 256, generator=g), "int4_g128")
+    c = _q(torch.randn(32, 128, generator=g), "fp8_b128")
+    x = torch.randn(1, 256)
+    with pytest.raises(ValueError, match="differ in format or input size"):
+        api.gemv_multi(x, [a, b])
+    with pytest.raises(ValueError, match="differ in format or input size"):
+        api.gemv_multi(x, [a, c])
+    with pytest.raises(ValueError, match="1 to 16 weights"):
+        api.gemv_multi(x, [])
+    with pytest.raises(ValueError, match=r"activations must be \[tokens, 256\]"):
+        api.gemv_multi(torch.randn(1, 100), [a])

@@ -100,16 +100,21 @@ def align_for_kernels(model: CausalLM) -> int:
     return len(copies)
 
 
-def _kernel_linear(x: torch.Tensor, w: torch.Tensor, max_rows: int) -> torch.Tensor | None:
-    """x W^T through the BF16 kernel GEMV for a few rows on the CPU; None declines (torch then)."""
-    if (w.dtype != torch.bfloat16 or w.dim() != 2 or x.device.type != "cpu" or x.dtype != torch.bfloat16
-            or w.data_ptr() % 64 or not w.is_contiguous() or x.shape[-1] != w.shape[1]):
+def _kernel_linear(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...], max_rows: int) -> Any:
+    """x W^T through the BF16 kernel GEMV for a few rows on the CPU (for a tuple of weights, all in
+    one call, a tuple back); None declines (torch then)."""
+    ws = w if isinstance(w, tuple) else (w,)
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or any(
+            v.dtype != torch.bfloat16 or v.dim() != 2 or v.data_ptr() % 64 or not v.is_contiguous()
+            or x.shape[-1] != v.shape[1] for v in ws):
         return None
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] > max_rows or rows.shape[0] == 0:
         return None
-    y = api.gemv(rows, QuantWeight("dense", w, None, tuple(w.shape)))
-    return y.to(x.dtype).reshape(*x.shape[:-1], w.shape[0])
+    qws = [QuantWeight("dense", v, None, tuple(v.shape)) for v in ws]
+    y = (api.gemv_multi(rows, qws) if len(ws) > 1 else api.gemv(rows, qws[0])).to(x.dtype)
+    outs = tuple(part.reshape(*x.shape[:-1], part.shape[1]) for part in y.split([v.shape[0] for v in ws], dim=1))
+    return outs if isinstance(w, tuple) else outs[0]
 
 
 class ModelRunner:
