@@ -124,3 +124,23 @@ def test_engine_uses_paged_attention_and_matches_gathered(tiny_models, preset, m
         assert [e.token for e in events] == [e.token for e in other]
         for a, b in zip(events, other, strict=True):
             assert torch.allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+
+
+def test_engine_paged_attention_bf16_first_steps(tiny_models):
+    """With a bf16 model the cache is bf16: the first decode steps' logits through the kernel
+    match the gathered torch path to bf16's resolution (both take scores and sums in fp32)."""
+    from services.engine.decode import DecodeEngine
+    from shared.model import load_model
+    from shared.sampling import SamplingParams
+
+    logits = []
+    for paged in (True, False):
+        m = load_model(tiny_models["tiny-qwen3-moe", "fp8"], dtype=torch.bfloat16)
+        eng = DecodeEngine(m, num_blocks=64, block_size=4, experts="kernel", keep_logits=True)
+        if paged and not eng.runner.paged_attention:
+            pytest.skip("this CPU has no AVX-512: the engine keeps torch's attention")
+        eng.runner.paged_attention = paged
+        eng.add("r", list(range(3, 20)), SamplingParams(max_tokens=2, ignore_eos=True))
+        logits.append([e.logits for e in eng.run_all()["r"]])
+    for a, b in zip(*logits, strict=True):
+        assert (a - b).abs().max().item() <= 0.02 * a.abs().max().item()
