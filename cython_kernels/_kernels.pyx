@@ -3,6 +3,7 @@
 in cython_kernels.api; nothing here validates its input."""
 
 from libc.stdint cimport int64_t, uint8_t, uint16_t, uint64_t, uintptr_t
+from libc.stdlib cimport free, malloc
 
 
 cdef extern from "moe.h" nogil:
@@ -50,7 +51,7 @@ cdef extern from "attention.h" nogil:
         int64_t v_head
         float scale
 
-    int hm_decode_attention(const hm_attn *a, int avx512, const float *q, float *out, int nthreads)
+    int hm_decode_attention(const hm_attn *a, int n, int avx512, const float *q, float *out, int nthreads)
 
 hm_init()
 
@@ -170,18 +171,26 @@ def read_sum(uintptr_t p, int64_t n, int nthreads):
     return r
 
 
-def decode_attention(uintptr_t cache, bint bf16, int64_t width, uintptr_t blocks, int64_t block_size,
-                     int64_t length, int heads, int kv_heads, int dk, int dv, int64_t k_off, int64_t k_head,
+def decode_attention(uintptr_t cache, bint bf16, int64_t width, list blocks, int64_t block_size,
+                     list lengths, int heads, int kv_heads, int dk, int dv, int64_t k_off, int64_t k_head,
                      int64_t v_off, int64_t v_head, float scale, uintptr_t q, uintptr_t out, bint avx512,
                      int nthreads):
-    """One query token's attention over a paged cache (see attention.h)."""
-    cdef hm_attn a
-    cdef int rc
-    a.cache = <const void *> cache
-    a.bf16, a.width, a.blocks = bf16, width, <const int64_t *> blocks
-    a.block_size, a.length, a.heads, a.kv_heads, a.dk, a.dv = block_size, length, heads, kv_heads, dk, dv
-    a.k_off, a.k_head, a.v_off, a.v_head, a.scale = k_off, k_head, v_off, v_head, scale
+    """One query token per sequence against its blocks of a paged cache, all sequences in one call
+    (see attention.h): blocks and lengths hold each sequence's block-id pointer and length."""
+    cdef int n = len(lengths), rc, i
+    if n < 1 or n != len(blocks):
+        raise ValueError("decode_attention: one block table and one length per sequence")
+    cdef hm_attn *a = <hm_attn *> malloc(sizeof(hm_attn) * n)
+    if a == NULL:
+        raise MemoryError("decode_attention: out of memory")
+    for i in range(n):
+        a[i].cache = <const void *> cache
+        a[i].bf16, a[i].width, a[i].blocks = bf16, width, <const int64_t *> <uintptr_t> blocks[i]
+        a[i].block_size, a[i].length, a[i].heads, a[i].kv_heads = block_size, lengths[i], heads, kv_heads
+        a[i].dk, a[i].dv, a[i].k_off, a[i].k_head = dk, dv, k_off, k_head
+        a[i].v_off, a[i].v_head, a[i].scale = v_off, v_head, scale
     with nogil:
-        rc = hm_decode_attention(&a, avx512, <const float *> q, <float *> out, nthreads)
+        rc = hm_decode_attention(a, n, avx512, <const float *> q, <float *> out, nthreads)
+    free(a)
     if rc != 0:
         raise MemoryError("decode_attention: out of memory for its scratch buffers")

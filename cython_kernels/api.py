@@ -149,11 +149,30 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
     ``k_off + j * k_head`` of the entry and whose value ``dv`` elements at ``v_off + j * v_head``.
     Scores, softmax and sums are fp32 whatever the cache's dtype. The AVX-512 variants take the
     vector path when dk and dv are multiples of 16; every other case the portable one."""
-    code = _variant_code(variant)
-    if q.dim() != 2 or q.dtype not in (torch.float32, torch.bfloat16) or q.device.type != "cpu":
+    if q.dim() != 2:
         raise ValueError(f"decode_attention: q must be a CPU float32/bfloat16 [heads, dk] tensor, got "
                          f"{q.dtype} {list(q.shape)} on {q.device}")
-    heads, dk = q.shape
+    return decode_attention_batch(q[None], cache, [blocks], block_size, [length], kv_heads=kv_heads, k_off=k_off,
+                                  k_head=k_head, v_off=v_off, v_head=v_head, dv=dv, scale=scale, variant=variant,
+                                  threads=threads)[0]
+
+
+def decode_attention_batch(q: torch.Tensor, cache: torch.Tensor, blocks: list[torch.Tensor], block_size: int,
+                           lengths: list[int], *, kv_heads: int, k_off: int, k_head: int, v_off: int, v_head: int,
+                           dv: int, scale: float, variant: str | None = None,
+                           threads: int | None = None) -> torch.Tensor:
+    """:func:`decode_attention` for n sequences of one cache in one call (decode's one-token steps
+    of a layer): ``q`` [n, heads, dk], ``blocks`` and ``lengths`` one per sequence; returns
+    [n, heads, dv] float32. One fork of the threads for all of them, items spread over every
+    sequence's positions."""
+    code = _variant_code(variant)
+    if q.dim() != 3 or q.dtype not in (torch.float32, torch.bfloat16) or q.device.type != "cpu":
+        raise ValueError(f"decode_attention: q must be a CPU float32/bfloat16 [heads, dk] tensor per sequence, got "
+                         f"{q.dtype} {list(q.shape)} on {q.device}")
+    n, heads, dk = q.shape
+    if n < 1 or len(blocks) != n or len(lengths) != n:
+        raise ValueError(f"decode_attention: {n} queries need as many block tables and lengths, got "
+                         f"{len(blocks)} and {len(lengths)}")
     if cache.dim() != 2 or cache.dtype not in (torch.float32, torch.bfloat16) or cache.device.type != "cpu" \
             or not cache.is_contiguous():
         raise ValueError(f"decode_attention: cache must be a contiguous CPU float32/bfloat16 [rows, width] tensor, "
@@ -165,23 +184,24 @@ def decode_attention(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor,
             or k_off + (kv_heads - 1) * k_head + dk > width or v_off + (kv_heads - 1) * v_head + dv > width:
         raise ValueError(f"decode_attention: keys ({dk} at {k_off} + j * {k_head}) or values ({dv} at {v_off} + "
                          f"j * {v_head}) of {kv_heads} kv heads overrun entries of {width}")
-    if block_size < 1 or length < 0:
-        raise ValueError(f"decode_attention: block_size must be >= 1 and length >= 0, got {block_size}, {length}")
-    n = -(-length // block_size)
-    if blocks.dim() != 1 or blocks.dtype != torch.int64 or blocks.device.type != "cpu" or not blocks.is_contiguous() \
-            or blocks.shape[0] < n:
-        raise ValueError(f"decode_attention: blocks must be a contiguous CPU int64 vector of at least {n} ids "
-                         f"(length {length}, block_size {block_size}), got {blocks.dtype} {list(blocks.shape)}")
-    if n and (int(blocks[:n].min()) < 0 or (int(blocks[:n].max()) + 1) * block_size > rows):
-        raise ValueError(f"decode_attention: block ids must lie in [0, {rows // block_size}) "
-                         f"for a cache of {rows} rows")
+    if block_size < 1 or min(lengths) < 0:
+        raise ValueError(f"decode_attention: block_size must be >= 1 and length >= 0, got {block_size}, {lengths}")
+    for b, length in zip(blocks, lengths, strict=True):
+        nb = -(-length // block_size)
+        if b.dim() != 1 or b.dtype != torch.int64 or b.device.type != "cpu" or not b.is_contiguous() \
+                or b.shape[0] < nb:
+            raise ValueError(f"decode_attention: blocks must be a contiguous CPU int64 vector of at least {nb} ids "
+                             f"(length {length}, block_size {block_size}), got {b.dtype} {list(b.shape)}")
+        if nb and (int(b[:nb].min()) < 0 or (int(b[:nb].max()) + 1) * block_size > rows):
+            raise ValueError(f"decode_attention: block ids must lie in [0, {rows // block_size}) "
+                             f"for a cache of {rows} rows")
     qf = q.float().contiguous()
-    out = torch.empty(heads, dv, dtype=torch.float32)
+    out = torch.empty(n, heads, dv, dtype=torch.float32)
     avx512 = code in (_kernels.VARIANT_CODES["avx512_bf16"], _kernels.VARIANT_CODES["avx512f"]) \
         and dk % 16 == 0 and dv % 16 == 0
-    _kernels.decode_attention(cache.data_ptr(), cache.dtype == torch.bfloat16, width, blocks.data_ptr(), block_size,
-                              length, heads, kv_heads, dk, dv, k_off, k_head, v_off, v_head, scale, qf.data_ptr(),
-                              out.data_ptr(), avx512, threads or default_threads())
+    _kernels.decode_attention(cache.data_ptr(), cache.dtype == torch.bfloat16, width, [b.data_ptr() for b in blocks],
+                              block_size, [int(x) for x in lengths], heads, kv_heads, dk, dv, k_off, k_head, v_off,
+                              v_head, scale, qf.data_ptr(), out.data_ptr(), avx512, threads or default_threads())
     return out
 
 

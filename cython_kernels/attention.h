@@ -206,69 +206,82 @@ HM_ATTN_AVX512 static void hm_attn_item_avx512(const hm_attn *a, const float *q,
 }
 #endif
 
-/* out [heads][dv] fp32 = attention of q [heads][dk] fp32 over the sequence. avx512: the vector
- * item (needs dk and dv multiples of 16), else the portable one. Returns 0, -1 if out of memory. */
-static int hm_decode_attention(const hm_attn *a, int avx512, const float *q, float *out, int nthreads) {
-    const int64_t L = a->length;
-    if (L <= 0) {
-        memset(out, 0, sizeof(float) * (size_t)a->heads * (size_t)a->dv);
-        return 0;
-    }
-    /* items: ranges of positions, each for every head, so that a thread reads whole entries one
-     * after the other (items of one kv head each, which read a few hundred bytes of every 4 KB
-     * entry, took 1.09 against 0.85 ms at 4000 positions). Two per thread, none shorter than
-     * HM_ATTN_MIN_SPLIT positions. */
-    int64_t S = 2 * (int64_t)nthreads;
-    const int64_t most = (L + HM_ATTN_MIN_SPLIT - 1) / HM_ATTN_MIN_SPLIT;
-    if (S > most) S = most;
-    if (S < 1) S = 1;
+/* n sequences at once (decode's one-token steps of a layer): as[i] is sequence i, sharing the
+ * cache, its layout and the head counts with the others and with its own blocks and length;
+ * out [n][heads][dv] fp32 = attention of q [n][heads][dk] fp32. One call and one fork for all of
+ * them. avx512: the vector item (needs dk and dv multiples of 16), else the portable one.
+ * Returns 0, -1 if out of memory. */
+static int hm_decode_attention(const hm_attn *as, int n, int avx512, const float *q, float *out, int nthreads) {
+    const hm_attn *a = as; /* what the sequences share */
     const int H = a->heads;
     const int64_t per = (int64_t)H * (a->dv + 2);
+    /* items: ranges of positions, each for every head, so that a thread reads whole entries one
+     * after the other (items of one kv head each, which read a few hundred bytes of every 4 KB
+     * entry, took 1.09 against 0.85 ms at 4000 positions). About two per thread over all the
+     * sequences, none shorter than HM_ATTN_MIN_SPLIT positions. */
+    int64_t *first = malloc(sizeof(int64_t) * ((size_t)n + 1)); /* sequence i's items: [first[i], first[i + 1]) */
+    if (!first) return -1;
+    first[0] = 0;
+    for (int i = 0; i < n; i++) {
+        const int64_t L = as[i].length > 0 ? as[i].length : 0;
+        int64_t S = (2 * (int64_t)nthreads + n - 1) / n;
+        const int64_t most = (L + HM_ATTN_MIN_SPLIT - 1) / HM_ATTN_MIN_SPLIT;
+        if (S > most) S = most;
+        first[i + 1] = first[i] + S; /* none for an empty sequence */
+    }
+    const int64_t items = first[n];
     /* floats a thread (hm_attn_item_avx512), a multiple of 16 */
     const size_t G = (size_t)(a->heads / a->kv_heads);
     const size_t scratch = HM_ATTN_CHUNK * ((size_t)a->dv + (size_t)a->dk + G) + (G + 15) / 16 * 16;
-    float *st = aligned_alloc(64, (size_t)((S * per * 4 + 63) / 64 * 64));
+    float *st = aligned_alloc(64, (size_t)(((items > 0 ? items : 1) * per * 4 + 63) / 64 * 64));
     float *vb = aligned_alloc(64, (size_t)nthreads * scratch * 4);
     if (!st || !vb) {
         free(st);
         free(vb);
+        free(first);
         return -1;
     }
 #pragma omp parallel for schedule(dynamic, 1) num_threads(nthreads)
-    for (int64_t s = 0; s < S; s++) {
+    for (int64_t it = 0; it < items; it++) {
+        int i = 0;
+        while (it >= first[i + 1]) i++;
+        const int64_t S = first[i + 1] - first[i], s = it - first[i], L = as[i].length;
         const int64_t p0 = L * s / S, p1 = L * (s + 1) / S;
-        float *m = st + s * per, *l = m + H, *acc = l + H;
+        const float *qi = q + (int64_t)i * H * a->dk;
+        float *m = st + it * per, *l = m + H, *acc = l + H;
 #if defined(__x86_64__)
         if (avx512) {
-            hm_attn_item_avx512(a, q, p0, p1, m, l, acc, vb + (size_t)omp_get_thread_num() * scratch);
+            hm_attn_item_avx512(&as[i], qi, p0, p1, m, l, acc, vb + (size_t)omp_get_thread_num() * scratch);
             continue;
         }
 #else
         (void)avx512;
 #endif
-        hm_attn_item_generic(a, q, p0, p1, m, l, acc);
+        hm_attn_item_generic(&as[i], qi, p0, p1, m, l, acc);
     }
-    for (int h = 0; h < H; h++) { /* merge the items */
-        float M = -INFINITY, sum = 0.f;
-        for (int64_t s = 0; s < S; s++) {
-            const float ms = st[s * per + h];
-            M = ms > M ? ms : M;
+    for (int i = 0; i < n; i++) /* merge each sequence's items (none: zeros) */
+        for (int h = 0; h < H; h++) {
+            float M = -INFINITY, sum = 0.f;
+            for (int64_t it = first[i]; it < first[i + 1]; it++) {
+                const float ms = st[it * per + h];
+                M = ms > M ? ms : M;
+            }
+            float *o = out + ((int64_t)i * H + h) * a->dv;
+            memset(o, 0, sizeof(float) * (size_t)a->dv);
+            for (int64_t it = first[i]; it < first[i + 1]; it++) {
+                const float *base = st + it * per;
+                if (base[h] == -INFINITY) continue;
+                const float w = expf(base[h] - M);
+                sum += w * base[H + h];
+                const float *acc = base + 2 * H + (int64_t)h * a->dv;
+                for (int d = 0; d < a->dv; d++) o[d] += w * acc[d];
+            }
+            const float inv = sum > 0.f ? 1.f / sum : 0.f;
+            for (int d = 0; d < a->dv; d++) o[d] *= inv;
         }
-        float *o = out + (int64_t)h * a->dv;
-        memset(o, 0, sizeof(float) * (size_t)a->dv);
-        for (int64_t s = 0; s < S; s++) {
-            const float *base = st + s * per;
-            if (base[h] == -INFINITY) continue;
-            const float w = expf(base[h] - M);
-            sum += w * base[H + h];
-            const float *acc = base + 2 * H + (int64_t)h * a->dv;
-            for (int d = 0; d < a->dv; d++) o[d] += w * acc[d];
-        }
-        const float inv = sum > 0.f ? 1.f / sum : 0.f;
-        for (int d = 0; d < a->dv; d++) o[d] *= inv;
-    }
     free(st);
     free(vb);
+    free(first);
     return 0;
 }
 

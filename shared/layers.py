@@ -449,16 +449,17 @@ class GQAttention(nn.Module):
             return decode_attention(q, k, v, self.head_dim**-0.5)
         return suffix_causal_sdpa(q.transpose(0, 1), k, v, self.head_dim**-0.5).transpose(0, 1).flatten(1)
 
-    def attend_paged(self, q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, block_size: int,
-                     length: int) -> torch.Tensor:
-        """One new token of one sequence, q [1, H, Dh], over its first ``length`` positions read in
-        place from a paged cache on the CPU (the kernels' decode attention; no gather) -> [1, H * Dh]."""
+    def attend_paged(self, q: torch.Tensor, cache: torch.Tensor, blocks: list[torch.Tensor], block_size: int,
+                     lengths: list[int]) -> torch.Tensor:
+        """n sequences' one new token each, q [n, H, Dh], over their first ``lengths`` positions,
+        read in place from one paged cache on the CPU (the kernels' decode attention, one call for
+        all of them; no gather) -> [n, H * Dh]."""
         from cython_kernels import api  # the kernels are optional for the model code
 
         K, Dh = self.kv_heads, self.head_dim
-        o = api.decode_attention(q[0], cache, blocks, block_size, length, kv_heads=K, k_off=0, k_head=Dh,
-                                 v_off=K * Dh, v_head=Dh, dv=Dh, scale=Dh**-0.5)
-        return o.view(1, -1).to(q.dtype)
+        o = api.decode_attention_batch(q, cache, blocks, block_size, lengths, kv_heads=K, k_off=0, k_head=Dh,
+                                       v_off=K * Dh, v_head=Dh, dv=Dh, scale=Dh**-0.5)
+        return o.flatten(1).to(q.dtype)
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         return linear(o, self.o_proj)

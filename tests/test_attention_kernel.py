@@ -144,3 +144,33 @@ def test_engine_paged_attention_bf16_first_steps(tiny_models):
         logits.append([e.logits for e in eng.run_all()["r"]])
     for a, b in zip(*logits, strict=True):
         assert (a - b).abs().max().item() <= 0.02 * a.abs().max().item()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_batch_equals_one_at_a_time(variant, dtype):
+    """Several sequences of one cache in one call (lengths 1 to 700, one empty) give each
+    sequence's own result."""
+    g = torch.Generator().manual_seed(7)
+    K, G, Dh, bs = 2, 4, 64, 16
+    lengths = [37, 0, 700, 1, 129]
+    nblk = sum(-(-n // bs) for n in lengths) + 2
+    cache = torch.randn(nblk * bs, 2 * K * Dh, generator=g).to(dtype)
+    perm, tables, at = torch.randperm(nblk, generator=g), [], 0
+    for n in lengths:
+        tables.append(perm[at : at + -(-n // bs)].contiguous())
+        at += -(-n // bs)
+    q = torch.randn(len(lengths), K * G, Dh, generator=g).to(dtype)
+    kw = dict(kv_heads=K, k_off=0, k_head=Dh, v_off=K * Dh, v_head=Dh, dv=Dh, scale=Dh**-0.5, variant=variant)
+    out = api.decode_attention_batch(q, cache, tables, bs, lengths, threads=2, **kw)
+    assert out.shape == (len(lengths), K * G, Dh)
+    for i, n in enumerate(lengths):
+        if n == 0:
+            assert torch.equal(out[i], torch.zeros(K * G, Dh))
+            continue
+        kv = cache.view(-1, bs, 2 * K * Dh).index_select(0, tables[i]).flatten(0, 1)[:n].float()
+        k, v = kv.view(n, 2, K, Dh).permute(1, 2, 0, 3)
+        ref = decode_attention(q[i].float()[None], k, v, Dh**-0.5)[0].view(K * G, Dh)
+        assert (out[i] - ref).abs().max().item() < 2e-6 * ref.abs().max().item() + 1e-6
+    with pytest.raises(ValueError, match="need as many block tables and lengths"):
+        api.decode_attention_batch(q, cache, tables[:2], bs, lengths, **kw)

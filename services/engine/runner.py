@@ -186,15 +186,23 @@ class ModelRunner:
         attn = layer.attn
         q, entries = attn.project(layer.input_norm(mb.x), mb.positions)
         kwargs = {"absorbed": True} if self.absorbed_mla and isinstance(attn, MLAttention) else {}
-        outs = []
+        outs: list[torch.Tensor | None] = []
+        paged: dict[int, list] = {}  # one-token segments by cache: one kernel call for each cache
         for s, qs, es in zip(mb.segments, q.split(mb.sizes), entries.split(mb.sizes), strict=True):
             s.kv.write(li, s.start, es)
             if kv_hook is not None:
                 kv_hook(li, s, es)
             if self.paged_attention and qs.shape[0] == 1 and isinstance(attn, GQAttention) and hasattr(s.kv, "paged"):
-                outs.append(attn.attend_paged(qs, *s.kv.paged(li), s.end))
+                cache, blocks, block_size = s.kv.paged(li)
+                paged.setdefault(cache.data_ptr(), [cache, block_size, []])[2].append((len(outs), qs, blocks, s.end))
+                outs.append(None)
             else:
                 outs.append(attn.attend(qs, s.kv.read(li, s.end), **kwargs))
+        for cache, block_size, seqs in paged.values():
+            o = attn.attend_paged(torch.cat([qs for _, qs, _, _ in seqs]), cache, [b for _, _, b, _ in seqs],
+                                  block_size, [n for _, _, _, n in seqs])
+            for (i, *_), oi in zip(seqs, o.split(1), strict=True):
+                outs[i] = oi
         mb.x = mb.x + attn.output(torch.cat(outs))
 
     def _start_ffn(self, li: int, layer: DecoderLayer, mb: _MicroBatch) -> None:
