@@ -167,7 +167,7 @@ def decode_attention_batch(q: torch.Tensor, cache: torch.Tensor, blocks: list[to
     sequence's positions."""
     code = _variant_code(variant)
     if q.dim() != 3 or q.dtype not in (torch.float32, torch.bfloat16) or q.device.type != "cpu":
-        raise ValueError(f"decode_attention: q must be a CPU float32/bfloat16 [heads, dk] tensor per sequence, got "
+        raise ValueError(f"decode_attention: q must be a CPU float32/bfloat16 [sequences, heads, dk] tensor, got "
                          f"{q.dtype} {list(q.shape)} on {q.device}")
     n, heads, dk = q.shape
     if n < 1 or len(blocks) != n or len(lengths) != n:
