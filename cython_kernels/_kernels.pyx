@@ -37,6 +37,7 @@ cdef extern from "attention.h" nogil:
     ctypedef struct hm_attn:
         const void *cache
         int bf16
+        int64_t rows
         int64_t width
         const int64_t *blocks
         int64_t block_size
@@ -171,7 +172,7 @@ def read_sum(uintptr_t p, int64_t n, int nthreads):
     return r
 
 
-def decode_attention(uintptr_t cache, bint bf16, int64_t width, list blocks, int64_t block_size,
+def decode_attention(uintptr_t cache, bint bf16, int64_t rows, int64_t width, list blocks, int64_t block_size,
                      list lengths, int heads, int kv_heads, int dk, int dv, int64_t k_off, int64_t k_head,
                      int64_t v_off, int64_t v_head, float scale, uintptr_t q, uintptr_t out, bint avx512,
                      int nthreads):
@@ -185,12 +186,16 @@ def decode_attention(uintptr_t cache, bint bf16, int64_t width, list blocks, int
         raise MemoryError("decode_attention: out of memory")
     for i in range(n):
         a[i].cache = <const void *> cache
-        a[i].bf16, a[i].width, a[i].blocks = bf16, width, <const int64_t *> <uintptr_t> blocks[i]
+        a[i].bf16, a[i].rows, a[i].width = bf16, rows, width
+        a[i].blocks = <const int64_t *> <uintptr_t> blocks[i]
         a[i].block_size, a[i].length, a[i].heads, a[i].kv_heads = block_size, lengths[i], heads, kv_heads
         a[i].dk, a[i].dv, a[i].k_off, a[i].k_head = dk, dv, k_off, k_head
         a[i].v_off, a[i].v_head, a[i].scale = v_off, v_head, scale
     with nogil:
         rc = hm_decode_attention(a, n, avx512, <const float *> q, <float *> out, nthreads)
     free(a)
+    if rc == -2:
+        raise ValueError(f"decode_attention: block ids must lie in [0, {rows // block_size}) "
+                         f"for a cache of {rows} rows")
     if rc != 0:
         raise MemoryError("decode_attention: out of memory for its scratch buffers")

@@ -23,6 +23,7 @@
 typedef struct {
     const void *cache;
     int bf16;      /* 1: the cache holds bf16, 0: fp32 */
+    int64_t rows;  /* entries in the cache */
     int64_t width; /* elements per entry */
     const int64_t *blocks;
     int64_t block_size, length;
@@ -110,10 +111,6 @@ HM_ATTN_AVX512 static inline __attribute__((always_inline)) void hm_attn_item_av
         const hm_attn *a, const float *q, int64_t p0, int64_t p1, float *m, float *l, float *acc, float *vb,
         float *kt, float *sp, float *al, const int bf16) {
     const int G = a->heads / a->kv_heads, nk = a->dk / 16, nv = a->dv / 16, dk = a->dk, dv = a->dv;
-    const int64_t bs = a->block_size;
-    const int64_t ebytes = a->width * (bf16 ? 2 : 4);
-    const char *cache = (const char *)a->cache;
-    const int64_t *blocks = a->blocks;
     const __m512 scale = _mm512_set1_ps(a->scale), ninf = _mm512_set1_ps(-INFINITY);
     for (int h = 0; h < a->heads; h++) m[h] = -INFINITY, l[h] = 0.f;
     memset(acc, 0, sizeof(float) * (size_t)a->heads * (size_t)dv);
@@ -121,10 +118,7 @@ HM_ATTN_AVX512 static inline __attribute__((always_inline)) void hm_attn_item_av
     for (int64_t c0 = p0; c0 < p1; c0 += HM_ATTN_CHUNK) {
         const int n = (int)(p1 - c0 < HM_ATTN_CHUNK ? p1 - c0 : HM_ATTN_CHUNK);
         const __mmask16 live = (__mmask16)((1u << n) - 1);
-        for (int i = 0; i < n; i++) {
-            const int64_t p = c0 + i;
-            ent[i] = cache + (blocks[p / bs] * bs + p % bs) * ebytes;
-        }
+        for (int i = 0; i < n; i++) ent[i] = hm_attn_entry(a, c0 + i);
         for (int j = 0; j < a->kv_heads; j++) {
         const int64_t ko = a->k_off + j * a->k_head, vo = a->v_off + j * a->v_head;
         for (int i = 0; i < n; i++) {
@@ -210,9 +204,12 @@ HM_ATTN_AVX512 static void hm_attn_item_avx512(const hm_attn *a, const float *q,
  * cache, its layout and the head counts with the others and with its own blocks and length;
  * out [n][heads][dv] fp32 = attention of q [n][heads][dk] fp32. One call and one fork for all of
  * them. avx512: the vector item (needs dk and dv multiples of 16), else the portable one.
- * Returns 0, -1 if out of memory. */
+ * Returns 0, -1 if out of memory, -2 if a block id lies outside the cache's rows. */
 static int hm_decode_attention(const hm_attn *as, int n, int avx512, const float *q, float *out, int nthreads) {
     const hm_attn *a = as; /* what the sequences share */
+    for (int i = 0; i < n; i++) /* every block a sequence reads lies in the cache */
+        for (int64_t j = 0; j < (as[i].length + a->block_size - 1) / a->block_size; j++)
+            if (as[i].blocks[j] < 0 || (as[i].blocks[j] + 1) * a->block_size > a->rows) return -2;
     const int H = a->heads;
     const int64_t per = (int64_t)H * (a->dv + 2);
     /* items: ranges of positions, each for every head, so that a thread reads whole entries one

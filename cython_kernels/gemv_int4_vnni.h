@@ -34,7 +34,7 @@ static void hm_init_vnni(void) {
 
 /* Tokens up to which INT4 takes VNNI rather than AMX-INT8 (DeepSeek-V3 shapes from DRAM, 2
  * threads: at two tokens 5-55 % faster, groups of 32 12-27 %; at three the longer rows lose 14-28 %,
- * at four all lose, the products being the work). hm_rows_int4_vnni takes up to four. */
+ * at four all lose, the products being the work). */
 #define HM_VNNI_MAX_T 2
 
 static inline int hm_int4_vnni_applies(const hm_weight *w, int T) {
@@ -98,11 +98,11 @@ HM_VNNI static inline __attribute__((always_inline)) void hm_rows_int4_vnni_nt(c
     const size_t words = hm_vnni_xb_words(w->cols, w->group);
     const __m512i nib = _mm512_set1_epi8(0x0f);
     const int g32 = w->group == 32;
-    float sv[4][16 * 16] __attribute__((aligned(64))); /* hm_vnni_scales of the current 16 blocks, per token */
+    float sv[HM_VNNI_MAX_T][16 * 16] __attribute__((aligned(64))); /* hm_vnni_scales of the current 16 blocks, per token */
     for (int64_t r = r0; r < r1; r++) {
         const uint8_t *row = w->data + r * rb;
         const uint16_t *sc = (const uint16_t *)w->scale + r * G;
-        __m512 tot[4];
+        __m512 tot[HM_VNNI_MAX_T];
         for (int t = 0; t < nt; t++) tot[t] = _mm512_setzero_ps();
         for (int64_t k0 = 0; k0 < nb; k0 += 16) {
             const int n = nb - k0 < 16 ? (int)(nb - k0) : 16;
@@ -138,15 +138,11 @@ HM_VNNI static inline __attribute__((always_inline)) void hm_rows_int4_vnni_nt(c
     }
 }
 
-/* y [T][ldy] for rows [r0, r1), T in 1..4. */
+/* y [T][ldy] for rows [r0, r1), T in 1..HM_VNNI_MAX_T (2). */
 HM_VNNI static void hm_rows_int4_vnni(const hm_weight *w, const uint32_t *xb, int T, float *y, int64_t ldy,
                                      int64_t r0, int64_t r1) {
-    switch (T) {
-    case 1: hm_rows_int4_vnni_nt(w, xb, y, ldy, r0, r1, 1); break;
-    case 2: hm_rows_int4_vnni_nt(w, xb, y, ldy, r0, r1, 2); break;
-    case 3: hm_rows_int4_vnni_nt(w, xb, y, ldy, r0, r1, 3); break;
-    default: hm_rows_int4_vnni_nt(w, xb, y, ldy, r0, r1, 4); break;
-    }
+    if (T == 1) hm_rows_int4_vnni_nt(w, xb, y, ldy, r0, r1, 1);
+    else hm_rows_int4_vnni_nt(w, xb, y, ldy, r0, r1, 2);
 }
 
 #endif

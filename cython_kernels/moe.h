@@ -71,21 +71,6 @@ static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, const 
     hm_gemv_rows_generic(w, (const float *)xp, T, y, ldy, r0, r1);
 }
 
-/* y [T][out] = W x for x [T][in]; xp is scratch for T * in prepared activations. */
-static void hm_gemv(int variant, const hm_weight *w, const float *x, int T, float *y, void *xp, int nthreads) {
-    hm_prepare_x(variant, w->fmt, x, T, w->cols, xp);
-    uint32_t *xb = hm_kernel_xb(variant, w, xp, T);
-    int64_t tiles = (w->rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
-    /* guided: each thread takes long runs of consecutive tiles first (its reads stay one linear
-     * stream, which the prefetchers keep ahead of), then shorter ones to even out the end */
-#pragma omp parallel for schedule(guided) num_threads(nthreads)
-    for (int64_t i = 0; i < tiles; i++) {
-        int64_t r0 = i * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < w->rows ? r0 + HM_ROWS_PER_TILE : w->rows;
-        hm_gemv_rows(variant, w, xp, xb, T, y, w->rows, r0, r1);
-    }
-    free(xb);
-}
-
 /* Several weights of one format and input size against the same x, in one parallel region:
  * y [T][sum of rows], weight i's outputs in columns [off_i, off_i + rows_i). One preparation of
  * the activations (and of a kernel layout, which depends only on format, columns and T), one
@@ -101,6 +86,8 @@ static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x
     }
     hm_prepare_x(variant, ws[0].fmt, x, T, ws[0].cols, xp);
     uint32_t *xb = hm_kernel_xb(variant, &ws[0], xp, T);
+    /* guided: each thread takes long runs of consecutive tiles first (its reads stay one linear
+     * stream, which the prefetchers keep ahead of), then shorter ones to even out the end */
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
     for (int64_t t = 0; t < tiles; t++) {
         int64_t i = 0, first = 0, off = 0; /* the weight tile t falls in */
@@ -115,6 +102,11 @@ static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x
     }
     free(xb);
     return 0;
+}
+
+/* y [T][out] = W x for x [T][in]; xp is scratch for T * in prepared activations. */
+static void hm_gemv(int variant, const hm_weight *w, const float *x, int T, float *y, void *xp, int nthreads) {
+    hm_gemv_multi(variant, w, 1, x, T, y, xp, nthreads);
 }
 
 /* A whole FP8 weight ([rows, cols], or E stacked experts as E * rows rows with per-expert

@@ -53,10 +53,14 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in fp32, as transformers does, through torch's fused op (one op instead of five: decode
-        # runs this several times a layer on a row or two, where each op's dispatch is the cost)
-        xf = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * xf.to(x.dtype)
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32, as transformers does, back in x's dtype, times weight
+    (which broadcasts). Through torch's fused op: one op instead of five, where decode runs this
+    several times a layer on a row or two and each op's dispatch is the cost."""
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
 
 
 # --- rotary position embedding ------------------------------------------------------------------
@@ -122,7 +126,7 @@ class Rotary(nn.Module):
         inv_freq, self.attention_factor = rope_inv_freq(params, dim)
         self.register_buffer("inv_freq", inv_freq)
         self.interleaved = interleaved
-        self._last: tuple | None = None  # (key, positions, cos, sin[, doubled cos, signed sin]), see cos_sin
+        self._last: tuple | None = None  # (key, positions, cos, sin, doubled cos, signed sin), see cos_sin
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """The tables for ``positions``. Every layer of a step asks for the same positions, so the
@@ -134,7 +138,7 @@ class Rotary(nn.Module):
             return last[2], last[3]
         freqs = positions.float()[..., None] * self.inv_freq  # [..., Dh/2]
         cos, sin = (freqs.cos() * self.attention_factor).to(dtype), (freqs.sin() * self.attention_factor).to(dtype)
-        self._last = ((positions.shape, positions.device, dtype), positions.clone(), cos, sin)
+        self._last = ((positions.shape, positions.device, dtype), positions.clone(), cos, sin, *self._doubled(cos, sin))
         return cos, sin
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -147,12 +151,7 @@ class Rotary(nn.Module):
         if self.interleaved:  # pairs -> halves
             x = x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
         last = self._last
-        if last is not None and last[2] is cos and last[3] is sin:
-            if len(last) == 4:
-                self._last = last = (*last, *self._doubled(cos, sin))
-            cc, ss = last[4], last[5]
-        else:
-            cc, ss = self._doubled(cos, sin)
+        cc, ss = last[4:] if last is not None and last[2] is cos and last[3] is sin else self._doubled(cos, sin)
         return x * cc + x.roll(x.shape[-1] // 2, dims=-1) * ss
 
     @staticmethod
@@ -419,7 +418,7 @@ class GQAttention(nn.Module):
         qk = torch.cat((q, k), dim=-2)  # [B, T, H + K, Dh]
         if self.q_norm is not None:  # RMSNorm's math, with q_norm's weight on q's heads, k_norm's on k's
             w = torch.cat((self.q_norm.weight.expand(H, Dh), self.k_norm.weight.expand(K, Dh)))
-            qk = w * F.rms_norm(qk.float(), (Dh,), eps=self.q_norm.eps).to(qk.dtype)
+            qk = rms_norm(qk, w, self.q_norm.eps)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         qk = self.rotary.apply(qk.transpose(1, 2), cos, sin).transpose(1, 2)  # [B, T, H + K, Dh]
         q, k = qk.split([H, K], dim=-2)

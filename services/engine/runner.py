@@ -112,7 +112,7 @@ def _kernel_linear(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...], 
     if rows.shape[0] > max_rows or rows.shape[0] == 0:
         return None
     qws = [QuantWeight("dense", v, None, tuple(v.shape)) for v in ws]
-    y = (api.gemv_multi(rows, qws) if len(ws) > 1 else api.gemv(rows, qws[0])).to(x.dtype)
+    y = api.gemv_multi(rows, qws).to(x.dtype)
     outs = tuple(part.reshape(*x.shape[:-1], part.shape[1]) for part in y.split([v.shape[0] for v in ws], dim=1))
     return outs if isinstance(w, tuple) else outs[0]
 
