@@ -54,6 +54,12 @@ cdef extern from "attention.h" nogil:
 
     int hm_decode_attention(const hm_attn *a, int n, int avx512, const float *q, float *out, int nthreads)
 
+cdef extern from "decode_ops.h" nogil:
+    void hm_add_rms_norm(const void *x, const void *d, void *xo, void *y, const void *w, int64_t N, int64_t D,
+                         float eps, int bf16, float *scratch)
+    void hm_qk_norm_rope(const float *y, int64_t N, int H, int K, int dh, const void *qw, const void *kw, float eps,
+                         const void *cs, const void *sn, int interleaved, int bf16, void *q, void *kv)
+
 hm_init()
 
 
@@ -199,3 +205,25 @@ def decode_attention(uintptr_t cache, bint bf16, int64_t rows, int64_t width, li
                          f"for a cache of {rows} rows")
     if rc != 0:
         raise MemoryError("decode_attention: out of memory for its scratch buffers")
+
+
+def add_rms_norm(uintptr_t x, uintptr_t d, uintptr_t xo, uintptr_t y, uintptr_t w, int64_t N, int64_t D, float eps,
+                 bint bf16):
+    """Rows of x (+ d into xo, when d) through RMSNorm with w into y (see decode_ops.h); d and xo
+    may be 0."""
+    cdef float *scratch = <float *> malloc(sizeof(float) * D)
+    if scratch == NULL:
+        raise MemoryError("add_rms_norm: out of memory")
+    with nogil:
+        hm_add_rms_norm(<const void *> x, <const void *> d, <void *> xo, <void *> y, <const void *> w, N, D, eps,
+                        bf16, scratch)
+    free(scratch)
+
+
+def qk_norm_rope(uintptr_t y, int64_t N, int H, int K, int dh, uintptr_t qw, uintptr_t kw, float eps, uintptr_t cs,
+                 uintptr_t sn, bint interleaved, bint bf16, uintptr_t q, uintptr_t kv):
+    """GQA's fp32 projections y -> rotated (and normed, when qw and kw) queries q and entries kv
+    (see decode_ops.h)."""
+    with nogil:
+        hm_qk_norm_rope(<const float *> y, N, H, K, dh, <const void *> qw, <const void *> kw, eps,
+                        <const void *> cs, <const void *> sn, interleaved, bf16, <void *> q, <void *> kv)

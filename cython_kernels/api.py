@@ -205,6 +205,84 @@ def decode_attention_batch(q: torch.Tensor, cache: torch.Tensor, blocks: list[to
     return out
 
 
+_GLUE_DTYPES = (torch.float32, torch.bfloat16)
+QK_MAX_HEAD_DIM = 1024
+
+
+def _check_rows(t: torch.Tensor, what: str, shape: tuple | None = None, dtype: torch.dtype | None = None) -> None:
+    if not isinstance(t, torch.Tensor) or t.device.type != "cpu" or t.dtype not in _GLUE_DTYPES \
+            or not t.is_contiguous() or (dtype is not None and t.dtype != dtype) \
+            or (shape is not None and tuple(t.shape) != tuple(shape)):
+        want = f"{dtype or 'float32/bfloat16'} {list(shape) if shape is not None else ''}".strip()
+        got = f"{t.dtype} {list(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(f"{what}: expected a contiguous CPU {want} tensor, got {got}")
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The residual add and the RMSNorm after it, for a few rows (decode): returns ``(s, y)`` with
+    ``s = x + delta`` (``x`` itself when ``delta`` is None) and
+    ``y = weight * F.rms_norm(s.float(), eps).to(dtype)``, rounded as torch rounds them.
+
+    ``x``, ``delta``: [N, D] float32 or bfloat16; ``weight`` [D] of the same dtype. One scalar pass
+    on the calling thread: for the few rows of a decode step, where torch's five to seven ops cost
+    their dispatch (see decode_ops.h); a prefill's thousands of rows belong to torch."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"add_rms_norm: x must be a [rows, dim] tensor, got "
+                         f"{list(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    _check_rows(x, "add_rms_norm x")
+    N, D = x.shape
+    if delta is not None:
+        _check_rows(delta, "add_rms_norm delta", (N, D), x.dtype)
+    _check_rows(weight, "add_rms_norm weight", (D,), x.dtype)
+    s = x if delta is None else torch.empty_like(x)
+    y = torch.empty_like(x)
+    if N and D:
+        _kernels.add_rms_norm(x.data_ptr(), 0 if delta is None else delta.data_ptr(),
+                              0 if delta is None else s.data_ptr(), y.data_ptr(), weight.data_ptr(), N, D,
+                              float(eps), x.dtype == torch.bfloat16)
+    return s, y
+
+
+def qk_norm_rope(y: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
+                 dtype: torch.dtype, *, q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
+                 eps: float = 0.0, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """GQA's q/k/v projections of a few tokens -> (queries [N, heads, head_dim], cache entries
+    [N, 2 kv_heads head_dim], k then v), in ``dtype``: what ``GQAttention.project`` computes after
+    its linears, in one call.
+
+    ``y``: float32 [N, (heads + 2 kv_heads) head_dim], each token's q, k and v projections side by
+    side (``gemv_multi``'s output), first rounded to ``dtype`` as the linears' outputs are. q's and
+    k's heads go through the per-head RMSNorm with ``q_weight`` / ``k_weight`` ([head_dim], both
+    or neither) and the rotary embedding with ``cos``/``sin`` [N, head_dim / 2] (``dtype``;
+    ``interleaved``: pairs (x0, x1)... rather than halves, put out in halves as Rotary.apply
+    does)."""
+    if dtype not in _GLUE_DTYPES:
+        raise ValueError(f"qk_norm_rope: dtype must be float32 or bfloat16, got {dtype}")
+    if min(heads, kv_heads) < 1 or heads % kv_heads or head_dim < 2 or head_dim % 2 or head_dim > QK_MAX_HEAD_DIM:
+        raise ValueError(f"qk_norm_rope: {heads} heads over {kv_heads} kv heads of dim {head_dim} (even, at most "
+                         f"{QK_MAX_HEAD_DIM})")
+    if not isinstance(y, torch.Tensor) or y.dim() != 2:
+        raise ValueError("qk_norm_rope: y must be a float32 [tokens, (heads + 2 kv_heads) head_dim] tensor")
+    N = y.shape[0]
+    _check_rows(y, "qk_norm_rope y", (N, (heads + 2 * kv_heads) * head_dim), torch.float32)
+    _check_rows(cos, "qk_norm_rope cos", (N, head_dim // 2), dtype)
+    _check_rows(sin, "qk_norm_rope sin", (N, head_dim // 2), dtype)
+    if (q_weight is None) != (k_weight is None):
+        raise ValueError("qk_norm_rope: give both norm weights or neither")
+    if q_weight is not None:
+        _check_rows(q_weight, "qk_norm_rope q_weight", (head_dim,), dtype)
+        _check_rows(k_weight, "qk_norm_rope k_weight", (head_dim,), dtype)
+    q = torch.empty(N, heads, head_dim, dtype=dtype)
+    kv = torch.empty(N, 2 * kv_heads * head_dim, dtype=dtype)
+    if N:
+        _kernels.qk_norm_rope(y.data_ptr(), N, heads, kv_heads, head_dim,
+                              0 if q_weight is None else q_weight.data_ptr(),
+                              0 if k_weight is None else k_weight.data_ptr(), float(eps), cos.data_ptr(),
+                              sin.data_ptr(), interleaved, dtype == torch.bfloat16, q.data_ptr(), kv.data_ptr())
+    return q, kv
+
+
 def dequantize_fp8(w: QuantWeight, *, threads: int | None = None) -> torch.Tensor:
     """An FP8 weight ([out, in] or stacked [E, out, in]) as bfloat16, equal to
     ``shared.quant.dequantize(w, torch.bfloat16)`` and many times faster than torch's conversion

@@ -21,11 +21,12 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import cython_kernels
 from cython_kernels import api
 from shared.deepseek_v3 import MLAttention
-from shared.layers import LINEAR_OVERRIDE, CausalLM, DecoderLayer, GQAttention, MoE, RoutedExperts
+from shared.layers import LINEAR_OVERRIDE, CausalLM, DecoderLayer, GQAttention, MoE, RMSNorm, RoutedExperts
 from shared.quant import QuantWeight
 
 
@@ -74,6 +75,7 @@ class _MicroBatch:
         self.sizes = [s.tokens.shape[0] for s in segments]
         self.x: torch.Tensor | None = None
         self.pending: tuple | None = None  # (handle, shared output or None) of a layer's experts
+        self.delta: torch.Tensor | None = None  # the last block's output, not yet added to x (see _add_norm)
 
 
 def kernel_linear_max_rows() -> int:
@@ -100,10 +102,10 @@ def align_for_kernels(model: CausalLM) -> int:
     return len(copies)
 
 
-def _kernel_linear(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...], max_rows: int) -> Any:
-    """x W^T through the BF16 kernel GEMV for a few rows on the CPU (for a tuple of weights, all in
-    one call, a tuple back); None declines (torch then)."""
-    ws = w if isinstance(w, tuple) else (w,)
+def _kernel_linear_f32(x: torch.Tensor, ws: tuple[torch.Tensor, ...], max_rows: int) -> torch.Tensor | None:
+    """x [..., in] against the BF16 weights ws, all in one kernel GEMV call: fp32 [rows, sum of
+    their outputs], weight i's in its own column range; None where the kernels do not apply (a
+    few rows on the CPU, aligned contiguous BF16 weights)."""
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or any(
             v.dtype != torch.bfloat16 or v.dim() != 2 or v.data_ptr() % 64 or not v.is_contiguous()
             or x.shape[-1] != v.shape[1] for v in ws):
@@ -111,10 +113,24 @@ def _kernel_linear(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...], 
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] > max_rows or rows.shape[0] == 0:
         return None
-    qws = [QuantWeight("dense", v, None, tuple(v.shape)) for v in ws]
-    y = api.gemv_multi(rows, qws).to(x.dtype)
-    outs = tuple(part.reshape(*x.shape[:-1], part.shape[1]) for part in y.split([v.shape[0] for v in ws], dim=1))
+    return api.gemv_multi(rows, [QuantWeight("dense", v, None, tuple(v.shape)) for v in ws])
+
+
+def _kernel_linear(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...], max_rows: int) -> Any:
+    """x W^T through the BF16 kernel GEMV for a few rows on the CPU (for a tuple of weights, all in
+    one call, a tuple back); None declines (torch then)."""
+    ws = w if isinstance(w, tuple) else (w,)
+    y = _kernel_linear_f32(x, ws, max_rows)
+    if y is None:
+        return None
+    outs = tuple(part.reshape(*x.shape[:-1], part.shape[1])
+                 for part in y.to(x.dtype).split([v.shape[0] for v in ws], dim=1))
     return outs if isinstance(w, tuple) else outs[0]
+
+
+# Up to this many rows (decode batches), the residual add + RMSNorm and GQA's q/k norm + rotary
+# run as the kernels' one-call decode ops instead of torch's op sequences (see decode_ops.h).
+DECODE_OPS_MAX_ROWS = 64
 
 
 class ModelRunner:
@@ -130,6 +146,8 @@ class ModelRunner:
         # one-token GQA attention straight from the paged cache, where the kernels have the vector
         # path for it (their portable one is slower than torch's gather and matmuls)
         self.paged_attention = self.cpu_lm_head and cython_kernels.VARIANT in ("avx512_bf16", "avx512f")
+        # the decode step's small ops in one kernel call each (decode_ops.h)
+        self.decode_ops = self.cpu_lm_head
         if self.cpu_lm_head:
             align_for_kernels(model)
 
@@ -167,7 +185,7 @@ class ModelRunner:
         rows, spans = [], []  # the hidden rows that need logits, read through the LM head once
         for mb in mbs:
             self._finish_ffn(mb)
-            for s, hs in zip(mb.segments, m.norm(mb.x).split(mb.sizes), strict=True):
+            for s, hs in zip(mb.segments, self._add_norm(mb, m.norm).split(mb.sizes), strict=True):
                 spans.append((sum(r.shape[0] for r in rows), hs.shape[0] if s.all_logits else 1))
                 rows.append(hs if s.all_logits else hs[-1:])
         logits = self._lm_head(torch.cat(rows))
@@ -182,9 +200,40 @@ class ModelRunner:
             return api.gemv(h, QuantWeight("dense", w, None, tuple(w.shape)))
         return F.linear(h, w).float()
 
+    def _decode_ops(self, x: torch.Tensor) -> bool:
+        return (self.decode_ops and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                and x.shape[0] <= DECODE_OPS_MAX_ROWS)
+
+    def _add_norm(self, mb: _MicroBatch, norm: RMSNorm) -> torch.Tensor:
+        """Adds the last block's output (mb.delta) to the residual stream mb.x and returns norm of
+        it: the two in one kernel call for decode's few rows."""
+        x, delta = mb.x, mb.delta
+        mb.delta = None
+        if self._decode_ops(x):
+            mb.x, h = api.add_rms_norm(x, delta, norm.weight, norm.eps)
+            return h
+        mb.x = x if delta is None else x + delta
+        return norm(mb.x)
+
+    def _project(self, attn: nn.Module, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """attn.project(h, positions); for GQA and decode's few rows the linears in one kernel
+        GEMV (when they apply) and the q/k norm + rotary in one kernel call."""
+        if not (isinstance(attn, GQAttention) and self._decode_ops(h)
+                and 2 * attn.rotary.inv_freq.shape[0] == attn.head_dim <= api.QK_MAX_HEAD_DIM):
+            return attn.project(h, positions)
+        ws = (attn.q_proj, attn.k_proj, attn.v_proj)
+        y = _kernel_linear_f32(h, ws, self.max_kernel_rows) if self.cpu_lm_head else None
+        if y is None:
+            y = torch.cat([F.linear(h, w) for w in ws], dim=1).float()
+        cos, sin = attn.rotary.cos_sin(positions, h.dtype)
+        norms = {} if attn.q_norm is None else {"q_weight": attn.q_norm.weight, "k_weight": attn.k_norm.weight,
+                                                 "eps": attn.q_norm.eps}
+        return api.qk_norm_rope(y, attn.heads, attn.kv_heads, attn.head_dim, cos, sin, h.dtype,
+                                interleaved=attn.rotary.interleaved, **norms)
+
     def _attention(self, li: int, layer: DecoderLayer, mb: _MicroBatch, kv_hook: KVHook | None) -> None:
         attn = layer.attn
-        q, entries = attn.project(layer.input_norm(mb.x), mb.positions)
+        q, entries = self._project(attn, self._add_norm(mb, layer.input_norm), mb.positions)
         kwargs = {"absorbed": True} if self.absorbed_mla and isinstance(attn, MLAttention) else {}
         outs: list[torch.Tensor | None] = []
         paged: dict[int, list] = {}  # one-token segments by cache: one kernel call for each cache
@@ -203,12 +252,12 @@ class ModelRunner:
                                   block_size, [n for _, _, _, n in seqs])
             for (i, *_), oi in zip(seqs, o.split(1), strict=True):
                 outs[i] = oi
-        mb.x = mb.x + attn.output(torch.cat(outs))
+        mb.delta = attn.output(torch.cat(outs))
 
     def _start_ffn(self, li: int, layer: DecoderLayer, mb: _MicroBatch) -> None:
-        h = layer.post_norm(mb.x)
+        h = self._add_norm(mb, layer.post_norm)
         if not isinstance(layer.ffn, MoE):
-            mb.x = mb.x + layer.ffn(h)
+            mb.delta = layer.ffn(h)
             return
         ids, weights = layer.ffn.router(h)
         handle = self.experts.start(li, layer.ffn.experts, h, ids, weights)
@@ -221,7 +270,7 @@ class ModelRunner:
         handle, shared = mb.pending
         mb.pending = None
         y = self.experts.finish(handle).to(mb.x.dtype)
-        mb.x = mb.x + (y if shared is None else y + shared)
+        mb.delta = y if shared is None else y + shared
 
 
 def _balanced_split(sizes: list[int]) -> int:

@@ -1,0 +1,144 @@
+"""The kernels' decode ops (the residual add + RMSNorm, GQA's q/k norm + rotary in one call each)
+against the torch sequences they replace, and the runner's use of them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cython_kernels import api
+from shared.layers import GQAttention, Rotary, rms_norm
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> None:
+    """bf16: equal to the bit (the same roundings in the same order). fp32: the sum of squares runs
+    in another order than torch's vector reduction, so within a few ulps."""
+    assert a.dtype == b.dtype and a.shape == b.shape
+    if a.dtype == torch.bfloat16:
+        assert torch.equal(a, b), (a.float() - b.float()).abs().max()
+    else:
+        torch.testing.assert_close(a, b, rtol=4e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,D", [(1, 2048), (5, 7), (3, 7168), (0, 64)])
+@pytest.mark.parametrize("with_delta", [True, False])
+def test_add_rms_norm_matches_torch(dtype, N, D, with_delta):
+    g = torch.Generator().manual_seed(N * 7 + D)
+    x = (torch.randn(N, D, generator=g) * 3).to(dtype)
+    delta = torch.randn(N, D, generator=g).to(dtype) if with_delta else None
+    w = (torch.rand(D, generator=g) + 0.5).to(dtype)
+    s, y = api.add_rms_norm(x, delta, w, 1e-6)
+    ref_s = x + delta if with_delta else x
+    _close(s, ref_s)
+    _close(y, rms_norm(ref_s, w, 1e-6))
+    if not with_delta:
+        assert s is x
+
+
+def _gqa(H, K, Dh, D, dtype, normed, interleaved, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = {f"a.{n}": (torch.randn(rows, D, generator=g) * D**-0.5).to(dtype)
+         for n, rows in (("q_proj", H * Dh), ("k_proj", K * Dh), ("v_proj", K * Dh), ("o_proj", D))}
+    if normed:
+        w["a.q_norm.weight"] = (torch.rand(Dh, generator=g) + 0.5).to(dtype)
+        w["a.k_norm.weight"] = (torch.rand(Dh, generator=g) + 0.5).to(dtype)
+    rotary = Rotary({"rope_theta": 1e6, "rope_type": "default"}, Dh, interleaved)
+    return GQAttention(w, "a", H, K, Dh, rotary, 1e-6 if normed else None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("normed", [True, False])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("H,K,Dh,N", [(32, 4, 128, 1), (4, 2, 48, 3), (6, 6, 64, 2)])
+def test_qk_norm_rope_matches_project(dtype, normed, interleaved, H, K, Dh, N):
+    """From the projections' fp32 sums to queries and cache entries: what GQAttention.project
+    computes after its linears (which round to the dtype first)."""
+    D = 96
+    attn = _gqa(H, K, Dh, D, dtype, normed, interleaved, seed=H + Dh + N)
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(N, D, generator=g).to(dtype)
+    positions = torch.tensor([0, 4095, 17][:N])
+    y = torch.cat([F.linear(h.float(), w.float()) for w in (attn.q_proj, attn.k_proj, attn.v_proj)], dim=1)
+    # the reference rounds y as its linears would; feed it the same sums
+    ref_q, ref_kv = _project_from(attn, y, positions, dtype)
+    cos, sin = attn.rotary.cos_sin(positions, dtype)
+    norms = {} if not normed else {"q_weight": attn.q_norm.weight, "k_weight": attn.k_norm.weight, "eps": 1e-6}
+    q, kv = api.qk_norm_rope(y, H, K, Dh, cos, sin, dtype, interleaved=interleaved, **norms)
+    _close(q, ref_q)
+    _close(kv, ref_kv)
+
+
+def _project_from(attn: GQAttention, y: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
+    """GQAttention.project with its linears replaced by the given fp32 sums."""
+    import shared.layers as layers
+
+    parts = y.to(dtype).split([attn.heads * attn.head_dim] + 2 * [attn.kv_heads * attn.head_dim], dim=1)
+    original = layers.linears
+    layers.linears = lambda x, ws: tuple(p[None] for p in parts)
+    try:
+        return attn.project(torch.zeros(y.shape[0], 1, dtype=dtype), positions)
+    finally:
+        layers.linears = original
+
+
+def test_decode_ops_bad_input():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="x must be a .rows, dim. tensor"):
+        api.add_rms_norm(torch.randn(8), None, torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="delta: expected a contiguous CPU torch.float32 \\[2, 8\\]"):
+        api.add_rms_norm(x, torch.randn(2, 8).bfloat16(), torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="weight: expected"):
+        api.add_rms_norm(x, None, torch.ones(9), 1e-6)
+    with pytest.raises(ValueError, match="x: expected a contiguous"):
+        api.add_rms_norm(torch.randn(8, 2).T, None, torch.ones(8), 1e-6)
+    with pytest.raises(ValueError, match="x: expected"):
+        api.add_rms_norm(torch.randn(2, 8).half(), None, torch.ones(8).half(), 1e-6)
+    y, cs = torch.randn(1, 6 * 16), torch.randn(1, 8)
+    with pytest.raises(ValueError, match="4 heads over 3 kv heads"):
+        api.qk_norm_rope(y, 4, 3, 16, cs, cs, torch.float32)
+    with pytest.raises(ValueError, match="dim 15"):
+        api.qk_norm_rope(y, 4, 1, 15, cs, cs, torch.float32)
+    with pytest.raises(ValueError, match="y: expected a contiguous CPU torch.float32 \\[1, 96\\]"):
+        api.qk_norm_rope(torch.randn(1, 95), 4, 1, 16, cs, cs, torch.float32)
+    with pytest.raises(ValueError, match="cos: expected"):
+        api.qk_norm_rope(y, 4, 1, 16, cs.bfloat16(), cs, torch.float32)
+    with pytest.raises(ValueError, match="both norm weights or neither"):
+        api.qk_norm_rope(y, 4, 1, 16, cs, cs, torch.float32, q_weight=torch.ones(16))
+    with pytest.raises(ValueError, match="dtype must be"):
+        api.qk_norm_rope(y, 4, 1, 16, cs, cs, torch.float16)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-deepseek-v3", "tiny-mixtral"])
+def test_engine_decode_ops_match_torch_sequences(tiny_models, preset, monkeypatch):
+    """The decode engine with the decode ops (its default with the kernel experts) and without:
+    the same tokens, logits within fp32's rounding, and the ops are called when on (q/k norm and
+    rotary only for GQA models)."""
+    from services.engine.decode import DecodeEngine
+    from shared.model import load_model
+    from shared.sampling import SamplingParams
+
+    calls = {"add_rms_norm": 0, "qk_norm_rope": 0}
+    for name in calls:
+        original = getattr(api, name)
+        monkeypatch.setattr(api, name, lambda *a, _f=original, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1)
+                            or _f(*a, **k))
+    results = []
+    for on in (True, False):
+        m = load_model(tiny_models[preset, "fp8"], dtype=torch.float32)
+        eng = DecodeEngine(m, num_blocks=64, block_size=4, experts="kernel", keep_logits=True)
+        assert eng.runner.decode_ops
+        eng.runner.decode_ops = on
+        for k in calls:
+            calls[k] = 0
+        for i, n in enumerate((5, 13, 2)):
+            eng.add(str(i), list(range(3, 3 + n)), SamplingParams(max_tokens=6, ignore_eos=True))
+        results.append(eng.run_all())
+        assert (calls["add_rms_norm"] > 0) == on
+        assert (calls["qk_norm_rope"] > 0) == (on and preset != "tiny-deepseek-v3")
+    for rid, events in results[0].items():
+        other = results[1][rid]
+        assert [e.token for e in events] == [e.token for e in other]
+        for a, b in zip(events, other, strict=True):
+            torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
