@@ -59,6 +59,8 @@ cdef extern from "decode_ops.h" nogil:
                          float eps, int bf16, float *scratch)
     void hm_qk_norm_rope(const float *y, int64_t N, int H, int K, int dh, const void *qw, const void *kw, float eps,
                          const void *cs, const void *sn, int interleaved, int bf16, void *q, void *kv)
+    void hm_softmax_topk(const float *logits, int64_t N, int E, int k, int norm, int bf16, float *p, int64_t *ids,
+                         float *w)
 
 hm_init()
 
@@ -148,6 +150,8 @@ def moe_forward(int variant, tuple gate, tuple up, tuple down, int64_t E, uintpt
     with nogil:
         rc = hm_moe_forward(variant, &g, &u, &d, E, <const float *> x, T, k, <const int64_t *> ids,
                             <const float *> wts, <float *> out, nthreads)
+    if rc == -2:
+        raise ValueError(f"moe_forward: expert ids must lie in [0, {E})")
     if rc != 0:
         raise MemoryError("moe_forward: out of memory for its scratch buffers")
 
@@ -227,3 +231,13 @@ def qk_norm_rope(uintptr_t y, int64_t N, int H, int K, int dh, uintptr_t qw, uin
     with nogil:
         hm_qk_norm_rope(<const float *> y, N, H, K, dh, <const void *> qw, <const void *> kw, eps,
                         <const void *> cs, <const void *> sn, interleaved, bf16, <void *> q, <void *> kv)
+
+
+def softmax_topk(uintptr_t logits, int64_t N, int E, int k, bint norm, bint bf16, uintptr_t ids, uintptr_t w):
+    """A softmax router's top-k of N rows of E fp32 logits (see decode_ops.h)."""
+    cdef float *p = <float *> malloc(sizeof(float) * E)
+    if p == NULL:
+        raise MemoryError("softmax_topk: out of memory")
+    with nogil:
+        hm_softmax_topk(<const float *> logits, N, E, k, norm, bf16, p, <int64_t *> ids, <float *> w)
+    free(p)

@@ -283,6 +283,27 @@ def qk_norm_rope(y: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos:
     return q, kv
 
 
+def softmax_topk(logits: torch.Tensor, k: int, norm: bool, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A softmax router's choice for a few tokens in one call: ``logits`` float32 [N, E] (the gate
+    linear's sums, first rounded to ``dtype`` as that linear's output is) -> expert ids [N, k]
+    int64 and their softmax probabilities [N, k] float32, renormalized to sum 1 when ``norm``;
+    largest first, ties to the lower id (``SoftmaxTopKRouter``'s softmax, topk and division)."""
+    if dtype not in _GLUE_DTYPES:
+        raise ValueError(f"softmax_topk: dtype must be float32 or bfloat16, got {dtype}")
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2:
+        raise ValueError("softmax_topk: logits must be a float32 [tokens, experts] tensor")
+    N, E = logits.shape
+    _check_rows(logits, "softmax_topk logits", (N, E), torch.float32)
+    if not 1 <= k <= E:
+        raise ValueError(f"softmax_topk: k must lie in [1, {E}], got {k}")
+    ids = torch.empty(N, k, dtype=torch.int64)
+    w = torch.empty(N, k, dtype=torch.float32)
+    if N:
+        _kernels.softmax_topk(logits.data_ptr(), N, E, k, bool(norm), dtype == torch.bfloat16, ids.data_ptr(),
+                              w.data_ptr())
+    return ids, w
+
+
 def dequantize_fp8(w: QuantWeight, *, threads: int | None = None) -> torch.Tensor:
     """An FP8 weight ([out, in] or stacked [E, out, in]) as bfloat16, equal to
     ``shared.quant.dequantize(w, torch.bfloat16)`` and many times faster than torch's conversion
@@ -311,8 +332,7 @@ def _check_moe(x, ids, weights, gate, up, down):
     if weights.shape != ids.shape or weights.dtype != torch.float32:
         raise ValueError(f"moe_forward: routing weights must be float32 {list(ids.shape)}, got "
                          f"{weights.dtype} {list(weights.shape)}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= E):
-        raise ValueError(f"moe_forward: expert ids must lie in [0, {E}), got [{int(ids.min())}, {int(ids.max())}]")
+    # (the ids' range is checked by the C call before it reads: no torch reduction in decode's path)
     return g, u, d, E, xf, ids.contiguous(), weights.contiguous()
 
 
@@ -346,8 +366,10 @@ class MoEPool:
 
     def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantWeight,
                up: QuantWeight, down: QuantWeight, *, variant: str | None = None) -> Future:
-        """Start ``moe_forward``; returns a future. Inputs are checked here, so bad input fails
-        at submit, not at sync; the future holds the checked tensors until the call returns."""
+        """Start ``moe_forward``; returns a future. Dtypes, shapes and weights are checked here,
+        so such bad input fails at submit; expert ids outside [0, E) are found by the call itself,
+        before it reads anything, and raise at sync. The future holds the checked tensors until
+        the call returns."""
         checked = _check_moe(x, ids, weights, gate, up, down)
         return self._executor.submit(_moe_checked, _variant_code(variant), checked, self.threads)
 

@@ -1,5 +1,6 @@
 /* The decode step's small per-token ops, one call each where torch takes 5-15 ops: the residual
- * add with the RMSNorm after it, and GQA's per-head q/k RMSNorm with the rotary embedding.
+ * add with the RMSNorm after it, GQA's per-head q/k RMSNorm with the rotary embedding, and a
+ * softmax router's top-k.
  *
  * Decode runs these on one row or a few per layer, so their cost is dispatch, not arithmetic: in
  * the step, right after a GEMV has streamed megabytes through the caches, one torch RMSNorm of a
@@ -98,6 +99,36 @@ static void hm_qk_norm_rope(const float *y, int64_t N, int H, int K, int dh, con
             else hm_qk_head(v, dh, kw, eps, cs, sn, t * (dh / 2), interleaved, bf16, kv, t * kvw + (int64_t)(j - H) * dh);
         }
         for (int64_t i = 0; i < (int64_t)K * dh; i++) hm_st(kv, t * kvw + (int64_t)K * dh + i, yt[(int64_t)(H + K) * dh + i], bf16);
+    }
+}
+
+/* A softmax router's choice for each of N rows of E logits: rounded to the dtype first (the gate
+ * linear's output), softmax in fp32, the k most probable experts, largest first and ties to the
+ * lower id, with their probabilities, renormalized to sum 1 when norm (SoftmaxTopKRouter's
+ * softmax, topk and division). p: E floats of scratch. */
+HM_NOCONTRACT static void hm_softmax_topk(const float *logits, int64_t N, int E, int k, int norm, int bf16, float *p,
+                                          int64_t *ids, float *w) {
+    for (int64_t t = 0; t < N; t++) {
+        const float *row = logits + t * E;
+        float m = -INFINITY, s = 0.f;
+        for (int e = 0; e < E; e++) {
+            p[e] = hm_rnd(row[e], bf16);
+            if (p[e] > m) m = p[e];
+        }
+        for (int e = 0; e < E; e++) s += (p[e] = expf(p[e] - m));
+        for (int e = 0; e < E; e++) p[e] /= s;
+        float chosen = 0.f;
+        for (int j = 0; j < k; j++) {
+            int best = 0;
+            for (int e = 1; e < E; e++)
+                if (p[e] > p[best]) best = e;
+            ids[t * k + j] = best;
+            w[t * k + j] = p[best];
+            chosen += p[best];
+            p[best] = -1.f; /* taken: below every probability */
+        }
+        if (norm)
+            for (int j = 0; j < k; j++) w[t * k + j] /= chosen;
     }
 }
 

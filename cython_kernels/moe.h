@@ -142,13 +142,16 @@ static hm_weight hm_expert(const hm_weight *s, int64_t e) {
 static inline float hm_silu(float g) { return g / (1.f + expf(-g)); }
 
 /* out [T][D] = sum_j wts[t][j] * expert_{ids[t][j]}(x[t]) with expert(x) = down(silu(gate x) * up x).
- * gate/up are stacked [E, I, D], down [E, D, I]. Returns 0, or -1 if memory ran out. */
+ * gate/up are stacked [E, I, D], down [E, D, I]. Returns 0, -2 (before any work) if an id lies outside
+ * [0, E), or -1 if memory ran out. */
 static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *up, const hm_weight *down,
                           int64_t E, const float *x, int T, int k, const int64_t *ids, const float *wts,
                           float *out, int nthreads) {
     const int64_t D = gate->cols, I = gate->rows;
     const int esz = hm_xp_elem(variant);
     int n = T * k;
+    for (int i = 0; i < n; i++) /* checked here, not by two torch reductions in decode's path */
+        if (ids[i] < 0 || ids[i] >= E) return -2;
     /* Group (token, weight) pairs by expert: the active experts and their tokens. */
     int64_t *count = calloc((size_t)E + 1, sizeof(int64_t));
     int *tok = malloc(sizeof(int) * (size_t)n), *act = malloc(sizeof(int) * (size_t)n);

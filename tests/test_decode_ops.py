@@ -1,5 +1,6 @@
-"""The kernels' decode ops (the residual add + RMSNorm, GQA's q/k norm + rotary in one call each)
-against the torch sequences they replace, and the runner's use of them."""
+"""The kernels' decode ops (the residual add + RMSNorm, GQA's q/k norm + rotary, a softmax
+router's top-k, one call each) against the torch sequences they replace, and the runner's use of
+them."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cython_kernels import api
-from shared.layers import GQAttention, Rotary, rms_norm
+from shared.layers import GQAttention, Rotary, SoftmaxTopKRouter, rms_norm
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> None:
@@ -83,6 +84,35 @@ def _project_from(attn: GQAttention, y: torch.Tensor, positions: torch.Tensor, d
         layers.linears = original
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("norm", [True, False])
+@pytest.mark.parametrize("N,E,k", [(1, 128, 8), (3, 8, 2), (2, 5, 5), (0, 4, 1)])
+def test_softmax_topk_matches_router(dtype, norm, N, E, k):
+    """The router's softmax, top-k and division on the gate linear's sums: the same experts, weights
+    within fp32's rounding (exp and the sum run in another order than torch's). Compared in id
+    order: bf16 logits tie often, and torch.topk orders ties as it likes."""
+    D = 64
+    g = torch.Generator().manual_seed(E + k)
+    router = SoftmaxTopKRouter(torch.randn(E, D, generator=g).to(dtype), k, norm)
+    h = (torch.randn(N, D, generator=g) * 2).to(dtype)
+    ref_ids, ref_w = router(h)
+    ids, w = api.softmax_topk(F.linear(h.float(), router.weight.float()), k, norm, dtype)
+    assert ids.dtype == torch.int64 and w.dtype == torch.float32 and ids.shape == w.shape == (N, k)
+    assert (w[:, :-1] >= w[:, 1:]).all()  # largest first
+    ids, order = ids.sort(dim=1)
+    ref_ids, ref_order = ref_ids.sort(dim=1)
+    assert torch.equal(ids, ref_ids)
+    torch.testing.assert_close(w.gather(1, order), ref_w.gather(1, ref_order), rtol=1e-5, atol=1e-7)
+
+
+def test_softmax_topk_ties_and_extremes():
+    """Ties go to the lower id; huge logits do not overflow (the max is taken out first)."""
+    ids, w = api.softmax_topk(torch.tensor([[1.0, 3.0, 3.0, 3.0, -1.0], [1e30, 0.0, 1e30, -1e30, 5.0]]), 3, False,
+                              torch.float32)
+    assert ids.tolist() == [[1, 2, 3], [0, 2, 1]]  # (the rest underflow to 0 alike: the lowest id)
+    assert torch.isfinite(w).all() and w[1, :2].tolist() == [0.5, 0.5] and w[1, 2] == 0
+
+
 def test_decode_ops_bad_input():
     x = torch.randn(2, 8)
     with pytest.raises(ValueError, match="x must be a .rows, dim. tensor"):
@@ -108,18 +138,24 @@ def test_decode_ops_bad_input():
         api.qk_norm_rope(y, 4, 1, 16, cs, cs, torch.float32, q_weight=torch.ones(16))
     with pytest.raises(ValueError, match="dtype must be"):
         api.qk_norm_rope(y, 4, 1, 16, cs, cs, torch.float16)
+    with pytest.raises(ValueError, match="k must lie in \\[1, 4\\]"):
+        api.softmax_topk(torch.randn(2, 4), 5, True, torch.float32)
+    with pytest.raises(ValueError, match="logits: expected a contiguous CPU torch.float32"):
+        api.softmax_topk(torch.randn(2, 4).bfloat16(), 2, True, torch.bfloat16)
+    with pytest.raises(ValueError, match="logits must be"):
+        api.softmax_topk(torch.randn(4), 2, True, torch.float32)
 
 
 @pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-deepseek-v3", "tiny-mixtral"])
 def test_engine_decode_ops_match_torch_sequences(tiny_models, preset, monkeypatch):
     """The decode engine with the decode ops (its default with the kernel experts) and without:
     the same tokens, logits within fp32's rounding, and the ops are called when on (q/k norm and
-    rotary only for GQA models)."""
+    rotary, and the router's top-k, for the GQA models with softmax routers)."""
     from services.engine.decode import DecodeEngine
     from shared.model import load_model
     from shared.sampling import SamplingParams
 
-    calls = {"add_rms_norm": 0, "qk_norm_rope": 0}
+    calls = {"add_rms_norm": 0, "qk_norm_rope": 0, "softmax_topk": 0}
     for name in calls:
         original = getattr(api, name)
         monkeypatch.setattr(api, name, lambda *a, _f=original, _n=name, **k: calls.__setitem__(_n, calls[_n] + 1)
@@ -136,7 +172,8 @@ def test_engine_decode_ops_match_torch_sequences(tiny_models, preset, monkeypatc
             eng.add(str(i), list(range(3, 3 + n)), SamplingParams(max_tokens=6, ignore_eos=True))
         results.append(eng.run_all())
         assert (calls["add_rms_norm"] > 0) == on
-        assert (calls["qk_norm_rope"] > 0) == (on and preset != "tiny-deepseek-v3")
+        assert (calls["qk_norm_rope"] > 0) == (on and preset != "tiny-deepseek-v3")  # (MLA: torch's)
+        assert (calls["softmax_topk"] > 0) == (on and preset != "tiny-deepseek-v3")  # (group-limited: torch's)
     for rid, events in results[0].items():
         other = results[1][rid]
         assert [e.token for e in events] == [e.token for e in other]

@@ -296,6 +296,25 @@ def test_moe_submit_sync_overlaps_caller_work():
     assert torch.equal(out, api.moe_forward(x, ids, w, gate, up, down, threads=2))
 
 
+def test_moe_bad_expert_ids_raise_before_any_work():
+    """The ids' range is checked by the C call (no torch reduction in decode's path): a direct call
+    raises, a submitted one raises at sync, and the pool goes on working."""
+    gate, up, down = _experts("fp8_b128")
+    x, w = torch.randn(2, 256), torch.rand(2, 2)
+    for bad in ([[0, 1], [-1, 2]], [[0, 1], [8, 2]]):
+        with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 8\)"):
+            api.moe_forward(x, torch.tensor(bad), w, gate, up, down, threads=2)
+    pool = api.MoEPool(threads=2)
+    try:
+        with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 8\)"):
+            pool.sync(pool.submit(x, torch.tensor([[0, 9], [1, 2]]), w, gate, up, down))
+        ok = torch.tensor([[0, 7], [1, 2]])
+        assert torch.equal(pool.sync(pool.submit(x, ok, w, gate, up, down)),
+                           api.moe_forward(x, ok, w, gate, up, down, threads=2))
+    finally:
+        pool.close()
+
+
 def test_bad_input_raises_clear_errors():
     w = _q(torch.randn(64, 256) * 0.05, "fp8_b128")
     x = torch.randn(2, 256)

@@ -26,7 +26,16 @@ from torch import nn
 import cython_kernels
 from cython_kernels import api
 from shared.deepseek_v3 import MLAttention
-from shared.layers import LINEAR_OVERRIDE, CausalLM, DecoderLayer, GQAttention, MoE, RMSNorm, RoutedExperts
+from shared.layers import (
+    LINEAR_OVERRIDE,
+    CausalLM,
+    DecoderLayer,
+    GQAttention,
+    MoE,
+    RMSNorm,
+    RoutedExperts,
+    SoftmaxTopKRouter,
+)
 from shared.quant import QuantWeight
 
 
@@ -76,6 +85,7 @@ class _MicroBatch:
         self.x: torch.Tensor | None = None
         self.pending: tuple | None = None  # (handle, shared output or None) of a layer's experts
         self.delta: torch.Tensor | None = None  # the last block's output, not yet added to x (see _add_norm)
+        self.tables: dict[int, tuple] = {}  # rotary cos/sin for these positions, by rotary module
 
 
 def kernel_linear_max_rows() -> int:
@@ -215,25 +225,40 @@ class ModelRunner:
         mb.x = x if delta is None else x + delta
         return norm(mb.x)
 
-    def _project(self, attn: nn.Module, h: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """attn.project(h, positions); for GQA and decode's few rows the linears in one kernel
-        GEMV (when they apply) and the q/k norm + rotary in one kernel call."""
+    def _project(self, attn: nn.Module, h: torch.Tensor, mb: _MicroBatch) -> tuple[torch.Tensor, ...]:
+        """attn.project(h, mb.positions); for GQA and decode's few rows the linears in one kernel
+        GEMV (when they apply) and the q/k norm + rotary in one kernel call, with the rotary
+        tables made once per step."""
         if not (isinstance(attn, GQAttention) and self._decode_ops(h)
                 and 2 * attn.rotary.inv_freq.shape[0] == attn.head_dim <= api.QK_MAX_HEAD_DIM):
-            return attn.project(h, positions)
-        ws = (attn.q_proj, attn.k_proj, attn.v_proj)
-        y = _kernel_linear_f32(h, ws, self.max_kernel_rows) if self.cpu_lm_head else None
-        if y is None:
-            y = torch.cat([F.linear(h, w) for w in ws], dim=1).float()
-        cos, sin = attn.rotary.cos_sin(positions, h.dtype)
+            return attn.project(h, mb.positions)
+        y = self._linear_f32(h, (attn.q_proj, attn.k_proj, attn.v_proj))
+        tables = mb.tables.get(id(attn.rotary))
+        if tables is None:
+            tables = mb.tables[id(attn.rotary)] = attn.rotary.cos_sin(mb.positions, h.dtype)
+        cos, sin = tables
         norms = {} if attn.q_norm is None else {"q_weight": attn.q_norm.weight, "k_weight": attn.k_norm.weight,
                                                  "eps": attn.q_norm.eps}
         return api.qk_norm_rope(y, attn.heads, attn.kv_heads, attn.head_dim, cos, sin, h.dtype,
                                 interleaved=attn.rotary.interleaved, **norms)
 
+    def _route(self, router: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """router(h); a softmax router's linear, softmax and top-k for decode's few rows in one
+        kernel GEMV and one kernel call."""
+        if not (type(router) is SoftmaxTopKRouter and self._decode_ops(h)):
+            return router(h)
+        y = self._linear_f32(h, (router.weight,))
+        return api.softmax_topk(y, router.top_k, router.norm_topk_prob, h.dtype)
+
+    def _linear_f32(self, h: torch.Tensor, ws: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """fp32 [rows, sum of outputs] of h against ws: one kernel GEMV where it applies, else
+        torch (whose outputs, rounded to h's dtype, the decode ops round again to no effect)."""
+        y = _kernel_linear_f32(h, ws, self.max_kernel_rows) if self.cpu_lm_head else None
+        return torch.cat([F.linear(h, w) for w in ws], dim=1).float() if y is None else y
+
     def _attention(self, li: int, layer: DecoderLayer, mb: _MicroBatch, kv_hook: KVHook | None) -> None:
         attn = layer.attn
-        q, entries = self._project(attn, self._add_norm(mb, layer.input_norm), mb.positions)
+        q, entries = self._project(attn, self._add_norm(mb, layer.input_norm), mb)
         kwargs = {"absorbed": True} if self.absorbed_mla and isinstance(attn, MLAttention) else {}
         outs: list[torch.Tensor | None] = []
         paged: dict[int, list] = {}  # one-token segments by cache: one kernel call for each cache
@@ -259,7 +284,7 @@ class ModelRunner:
         if not isinstance(layer.ffn, MoE):
             mb.delta = layer.ffn(h)
             return
-        ids, weights = layer.ffn.router(h)
+        ids, weights = self._route(layer.ffn.router, h)
         handle = self.experts.start(li, layer.ffn.experts, h, ids, weights)
         shared = layer.ffn.shared(h) if layer.ffn.shared is not None else None
         mb.pending = (handle, shared)
