@@ -55,8 +55,8 @@ cdef extern from "attention.h" nogil:
     int hm_decode_attention(const hm_attn *a, int n, int avx512, const float *q, float *out, int nthreads)
 
 cdef extern from "decode_ops.h" nogil:
-    void hm_add_rms_norm(const void *x, const void *d, void *xo, void *y, const void *w, int64_t N, int64_t D,
-                         float eps, int bf16, float *scratch)
+    void hm_add_rms_norm(const void *x, const void *d, int dbf16, void *xo, void *y, const void *w, int64_t N,
+                         int64_t D, float eps, int bf16, float *scratch)
     void hm_qk_norm_rope(const float *y, int64_t N, int H, int K, int dh, const void *qw, const void *kw, float eps,
                          const void *cs, const void *sn, int interleaved, int bf16, void *q, void *kv)
     void hm_softmax_topk(const float *logits, int64_t N, int E, int k, int norm, int bf16, float *p, int64_t *ids,
@@ -211,16 +211,16 @@ def decode_attention(uintptr_t cache, bint bf16, int64_t rows, int64_t width, li
         raise MemoryError("decode_attention: out of memory for its scratch buffers")
 
 
-def add_rms_norm(uintptr_t x, uintptr_t d, uintptr_t xo, uintptr_t y, uintptr_t w, int64_t N, int64_t D, float eps,
-                 bint bf16):
+def add_rms_norm(uintptr_t x, uintptr_t d, bint dbf16, uintptr_t xo, uintptr_t y, uintptr_t w, int64_t N, int64_t D,
+                 float eps, bint bf16):
     """Rows of x (+ d into xo, when d) through RMSNorm with w into y (see decode_ops.h); d and xo
     may be 0."""
     cdef float *scratch = <float *> malloc(sizeof(float) * D)
     if scratch == NULL:
         raise MemoryError("add_rms_norm: out of memory")
     with nogil:
-        hm_add_rms_norm(<const void *> x, <const void *> d, <void *> xo, <void *> y, <const void *> w, N, D, eps,
-                        bf16, scratch)
+        hm_add_rms_norm(<const void *> x, <const void *> d, dbf16, <void *> xo, <void *> y, <const void *> w, N, D,
+                        eps, bf16, scratch)
     free(scratch)
 
 

@@ -221,10 +221,11 @@ def _check_rows(t: torch.Tensor, what: str, shape: tuple | None = None, dtype: t
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """The residual add and the RMSNorm after it, for a few rows (decode): returns ``(s, y)`` with
-    ``s = x + delta`` (``x`` itself when ``delta`` is None) and
+    ``s = x + delta.to(x.dtype)`` (``x`` itself when ``delta`` is None) and
     ``y = weight * F.rms_norm(s.float(), eps).to(dtype)``, rounded as torch rounds them.
 
-    ``x``, ``delta``: [N, D] float32 or bfloat16; ``weight`` [D] of the same dtype. One scalar pass
+    ``x``: [N, D] float32 or bfloat16; ``delta``: [N, D] of x's dtype or float32 (a block's fp32
+    sums, rounded to x's dtype here); ``weight`` [D] of x's dtype. One scalar pass
     on the calling thread: for the few rows of a decode step, where torch's five to seven ops cost
     their dispatch (see decode_ops.h); a prefill's thousands of rows belong to torch."""
     if not isinstance(x, torch.Tensor) or x.dim() != 2:
@@ -233,14 +234,14 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
     _check_rows(x, "add_rms_norm x")
     N, D = x.shape
     if delta is not None:
-        _check_rows(delta, "add_rms_norm delta", (N, D), x.dtype)
+        _check_rows(delta, "add_rms_norm delta", (N, D), None if delta.dtype == torch.float32 else x.dtype)
     _check_rows(weight, "add_rms_norm weight", (D,), x.dtype)
     s = x if delta is None else torch.empty_like(x)
     y = torch.empty_like(x)
     if N and D:
-        _kernels.add_rms_norm(x.data_ptr(), 0 if delta is None else delta.data_ptr(),
-                              0 if delta is None else s.data_ptr(), y.data_ptr(), weight.data_ptr(), N, D,
-                              float(eps), x.dtype == torch.bfloat16)
+        d, dbf16 = (0, False) if delta is None else (delta.data_ptr(), delta.dtype == torch.bfloat16)
+        _kernels.add_rms_norm(x.data_ptr(), d, dbf16, 0 if delta is None else s.data_ptr(), y.data_ptr(),
+                              weight.data_ptr(), N, D, float(eps), x.dtype == torch.bfloat16)
     return s, y
 
 

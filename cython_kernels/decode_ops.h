@@ -40,16 +40,17 @@ HM_NOCONTRACT static float hm_rms_inv(const float *s, int64_t n, float eps) {
     return 1.f / sqrtf(ss / (float)n + eps);
 }
 
-/* For each of N rows of D: s = x + d (rounded to the dtype; s = x when d is NULL) into xo (when
- * not NULL), and y = w * (s / rms(s) rounded to the dtype), rounded: torch's
- * ``s = x + d; w * F.rms_norm(s.float(), eps).to(dtype)``. scratch: D floats. */
-HM_NOCONTRACT static void hm_add_rms_norm(const void *x, const void *d, void *xo, void *y, const void *w, int64_t N,
-                                          int64_t D, float eps, int bf16, float *scratch) {
+/* For each of N rows of D: s = x + d (d rounded to the dtype first when it is fp32, dbf16 == 0;
+ * the sum rounded; s = x when d is NULL) into xo (when not NULL), and
+ * y = w * (s / rms(s) rounded to the dtype), rounded: torch's
+ * ``s = x + d.to(dtype); w * F.rms_norm(s.float(), eps).to(dtype)``. scratch: D floats. */
+HM_NOCONTRACT static void hm_add_rms_norm(const void *x, const void *d, int dbf16, void *xo, void *y, const void *w,
+                                          int64_t N, int64_t D, float eps, int bf16, float *scratch) {
     for (int64_t t = 0; t < N; t++) {
         const int64_t o = t * D;
         for (int64_t i = 0; i < D; i++) {
             float v = hm_ld(x, o + i, bf16);
-            if (d) v = hm_rnd(v + hm_ld(d, o + i, bf16), bf16);
+            if (d) v = hm_rnd(v + hm_rnd(hm_ld(d, o + i, dbf16), bf16), bf16);
             scratch[i] = v;
         }
         if (xo)

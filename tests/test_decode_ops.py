@@ -36,6 +36,12 @@ def test_add_rms_norm_matches_torch(dtype, N, D, with_delta):
     _close(y, rms_norm(ref_s, w, 1e-6))
     if not with_delta:
         assert s is x
+    else:  # a block's fp32 sums as the delta: rounded to x's dtype, then added
+        d32 = delta.float() + torch.randn(N, D, generator=g) * 1e-3
+        s, y = api.add_rms_norm(x, d32, w, 1e-6)
+        ref_s = x + d32.to(dtype)
+        _close(s, ref_s)
+        _close(y, rms_norm(ref_s, w, 1e-6))
 
 
 def _gqa(H, K, Dh, D, dtype, normed, interleaved, seed):

@@ -115,8 +115,9 @@ def align_for_kernels(model: CausalLM) -> int:
 def _kernel_linear_f32(x: torch.Tensor, ws: tuple[torch.Tensor, ...], max_rows: int) -> torch.Tensor | None:
     """x [..., in] against the BF16 weights ws, all in one kernel GEMV call: fp32 [rows, sum of
     their outputs], weight i's in its own column range; None where the kernels do not apply (a
-    few rows on the CPU, aligned contiguous BF16 weights)."""
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or any(
+    few rows on the CPU, aligned contiguous BF16 weights). x may be bf16 or fp32: the kernel
+    rounds activations to bf16 (to nearest even, as ``x.to(torch.bfloat16)`` does)."""
+    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or any(
             v.dtype != torch.bfloat16 or v.dim() != 2 or v.data_ptr() % 64 or not v.is_contiguous()
             or x.shape[-1] != v.shape[1] for v in ws):
         return None
@@ -130,7 +131,7 @@ def _kernel_linear(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...], 
     """x W^T through the BF16 kernel GEMV for a few rows on the CPU (for a tuple of weights, all in
     one call, a tuple back); None declines (torch then)."""
     ws = w if isinstance(w, tuple) else (w,)
-    y = _kernel_linear_f32(x, ws, max_rows)
+    y = _kernel_linear_f32(x, ws, max_rows) if x.dtype == torch.bfloat16 else None
     if y is None:
         return None
     outs = tuple(part.reshape(*x.shape[:-1], part.shape[1])
@@ -217,12 +218,12 @@ class ModelRunner:
     def _add_norm(self, mb: _MicroBatch, norm: RMSNorm) -> torch.Tensor:
         """Adds the last block's output (mb.delta) to the residual stream mb.x and returns norm of
         it: the two in one kernel call for decode's few rows."""
-        x, delta = mb.x, mb.delta
+        x, delta = mb.x, mb.delta  # (delta may be a block's fp32 sums: rounded to x's dtype, then added)
         mb.delta = None
         if self._decode_ops(x):
             mb.x, h = api.add_rms_norm(x, delta, norm.weight, norm.eps)
             return h
-        mb.x = x if delta is None else x + delta
+        mb.x = x if delta is None else x + delta.to(x.dtype)
         return norm(mb.x)
 
     def _project(self, attn: nn.Module, h: torch.Tensor, mb: _MicroBatch) -> tuple[torch.Tensor, ...]:
@@ -254,7 +255,7 @@ class ModelRunner:
         """fp32 [rows, sum of outputs] of h against ws: one kernel GEMV where it applies, else
         torch (whose outputs, rounded to h's dtype, the decode ops round again to no effect)."""
         y = _kernel_linear_f32(h, ws, self.max_kernel_rows) if self.cpu_lm_head else None
-        return torch.cat([F.linear(h, w) for w in ws], dim=1).float() if y is None else y
+        return torch.cat([F.linear(h.to(w.dtype), w) for w in ws], dim=1).float() if y is None else y
 
     def _attention(self, li: int, layer: DecoderLayer, mb: _MicroBatch, kv_hook: KVHook | None) -> None:
         attn = layer.attn
@@ -272,12 +273,20 @@ class ModelRunner:
                 outs.append(None)
             else:
                 outs.append(attn.attend(qs, s.kv.read(li, s.end), **kwargs))
-        for cache, block_size, seqs in paged.values():
-            o = attn.attend_paged(torch.cat([qs for _, qs, _, _ in seqs]), cache, [b for _, _, b, _ in seqs],
-                                  block_size, [n for _, _, _, n in seqs])
-            for (i, *_), oi in zip(seqs, o.split(1), strict=True):
-                outs[i] = oi
-        mb.delta = attn.output(torch.cat(outs))
+        if len(paged) == 1 and len(next(iter(paged.values()))[2]) == len(outs):  # decode: q's rows in order
+            cache, block_size, seqs = next(iter(paged.values()))
+            o = attn.attend_paged(q, cache, [b for _, _, b, _ in seqs], block_size, [n for _, _, _, n in seqs])
+        else:
+            for cache, block_size, seqs in paged.values():
+                op = attn.attend_paged(torch.cat([qs for _, qs, _, _ in seqs]), cache, [b for _, _, b, _ in seqs],
+                                       block_size, [n for _, _, _, n in seqs])
+                for (i, *_), oi in zip(seqs, op.split(1), strict=True):
+                    outs[i] = oi
+            o = torch.cat(outs)
+        if isinstance(attn, GQAttention) and self._decode_ops(o):  # its fp32 sums: _add_norm rounds them
+            mb.delta = self._linear_f32(o, (attn.o_proj,))
+        else:
+            mb.delta = attn.output(o)
 
     def _start_ffn(self, li: int, layer: DecoderLayer, mb: _MicroBatch) -> None:
         h = self._add_norm(mb, layer.post_norm)
@@ -294,8 +303,8 @@ class ModelRunner:
             return
         handle, shared = mb.pending
         mb.pending = None
-        y = self.experts.finish(handle).to(mb.x.dtype)
-        mb.delta = y if shared is None else y + shared
+        y = self.experts.finish(handle)  # fp32, rounded to x's dtype by _add_norm or here
+        mb.delta = y if shared is None else y.to(mb.x.dtype) + shared
 
 
 def _balanced_split(sizes: list[int]) -> int:
