@@ -9,7 +9,9 @@
 #ifndef HYBRIDMOE_MOE_H
 #define HYBRIDMOE_MOE_H
 
+#ifndef _GNU_SOURCE /* (Cython's generated C may define it first) */
 #define _GNU_SOURCE
+#endif
 #include <sched.h>
 #include <stdlib.h>
 #include <omp.h>
