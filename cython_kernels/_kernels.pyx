@@ -17,7 +17,6 @@ cdef extern from "moe.h" nogil:
 
     void hm_init()
     int hm_xp_elem(int variant)
-    void hm_gemv(int variant, const hm_weight *w, const float *x, int T, float *y, void *xp, int nthreads)
     int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x, int T, float *y, void *xp,
                       int nthreads)
     int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *up, const hm_weight *down,
@@ -120,13 +119,6 @@ cdef hm_weight _weight(tuple w):
 
 def xp_bytes_per_element(int variant):
     return hm_xp_elem(variant)
-
-
-def gemv(int variant, tuple w, uintptr_t x, int T, uintptr_t y, uintptr_t xp, int nthreads):
-    """w = (fmt, group, rows, cols, data_ptr, scale_ptr)."""
-    cdef hm_weight hw = _weight(w)
-    with nogil:
-        hm_gemv(variant, &hw, <const float *> x, T, <float *> y, <void *> xp, nthreads)
 
 
 def gemv_multi(int variant, list ws, uintptr_t x, int T, uintptr_t y, uintptr_t xp, int nthreads):

@@ -102,18 +102,7 @@ def gemv(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = None, *, va
     The weights are read once whatever T; activations are rounded to bf16 for the products,
     sums are fp32.
     """
-    code = _variant_code(variant)
-    wt = _check_weight(w, "gemv weight", stacked=False)
-    rows, cols = w.shape
-    xf = _activations(x, cols, "gemv")
-    T = xf.shape[0]
-    if out is None:
-        out = torch.empty(T, rows, dtype=torch.float32)
-    elif out.shape != (T, rows) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"gemv: out must be a contiguous float32 [{T}, {rows}] tensor")
-    xp = torch.empty(T * cols * _kernels.xp_bytes_per_element(code), dtype=torch.uint8)
-    _kernels.gemv(code, wt, xf.data_ptr(), T, out.data_ptr(), xp.data_ptr(), threads or default_threads())
-    return out
+    return _gemv("gemv", x, [w], out, variant, threads)
 
 
 def gemv_multi(x: torch.Tensor, ws: list[QuantWeight] | tuple[QuantWeight, ...], *, variant: str | None = None,
@@ -121,17 +110,27 @@ def gemv_multi(x: torch.Tensor, ws: list[QuantWeight] | tuple[QuantWeight, ...],
     """``gemv`` of several weights (1 to 16, one format and input size) against the same x in one
     call: returns [T, sum of their rows] float32, weight i's outputs in its own column range. The
     activations are prepared once and the threads forked once (decode's q, k and v)."""
-    code = _variant_code(variant)
     if not isinstance(ws, (list, tuple)) or not 1 <= len(ws) <= 16:
         raise ValueError(f"gemv_multi: expected a list of 1 to 16 weights, got {type(ws).__name__}")
-    wts = [_check_weight(w, f"gemv_multi weight {i}", stacked=False) for i, w in enumerate(ws)]
+    return _gemv("gemv_multi", x, ws, None, variant, threads)
+
+
+def _gemv(what: str, x: torch.Tensor, ws: list[QuantWeight] | tuple[QuantWeight, ...], out: torch.Tensor | None,
+          variant: str | None, threads: int | None) -> torch.Tensor:
+    """gemv and gemv_multi: checks (errors named for ``what``), then one kernel call."""
+    code = _variant_code(variant)
+    wts = [_check_weight(w, f"{what} weight" + (f" {i}" if len(ws) > 1 else ""), stacked=False)
+           for i, w in enumerate(ws)]
     if len({(w.fmt, w.shape[1]) for w in ws}) != 1:
-        raise ValueError(f"gemv_multi: the weights differ in format or input size: "
+        raise ValueError(f"{what}: the weights differ in format or input size: "
                          f"{[(w.fmt, list(w.shape)) for w in ws]}")
     cols = ws[0].shape[1]
-    xf = _activations(x, cols, "gemv_multi")
-    T = xf.shape[0]
-    out = torch.empty(T, sum(w.shape[0] for w in ws), dtype=torch.float32)
+    xf = _activations(x, cols, what)
+    T, rows = xf.shape[0], sum(w.shape[0] for w in ws)
+    if out is None:
+        out = torch.empty(T, rows, dtype=torch.float32)
+    elif out.shape != (T, rows) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"{what}: out must be a contiguous float32 [{T}, {rows}] tensor")
     xp = torch.empty(T * cols * _kernels.xp_bytes_per_element(code), dtype=torch.uint8)
     _kernels.gemv_multi(code, wts, xf.data_ptr(), T, out.data_ptr(), xp.data_ptr(), threads or default_threads())
     return out

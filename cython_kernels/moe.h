@@ -106,11 +106,6 @@ static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x
     return 0;
 }
 
-/* y [T][out] = W x for x [T][in]; xp is scratch for T * in prepared activations. */
-static void hm_gemv(int variant, const hm_weight *w, const float *x, int T, float *y, void *xp, int nthreads) {
-    hm_gemv_multi(variant, w, 1, x, T, y, xp, nthreads);
-}
-
 /* A whole FP8 weight ([rows, cols], or E stacked experts as E * rows rows with per-expert
  * scale blocks) dequantized to bf16, rows spread over the threads. */
 static void hm_dequant_fp8(const hm_weight *w, int64_t E, uint16_t *out, int nthreads) {

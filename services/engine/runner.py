@@ -206,10 +206,7 @@ class ModelRunner:
     def _lm_head(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits; the CPU kernels' BF16 GEMV when it applies (decode: a few rows on the CPU,
         one read of the LM head at close to the memory bandwidth), else torch."""
-        w = self.model.lm_head
-        if self.cpu_lm_head and w.dtype == torch.bfloat16 and h.shape[0] <= self.max_kernel_rows:
-            return api.gemv(h, QuantWeight("dense", w, None, tuple(w.shape)))
-        return F.linear(h, w).float()
+        return self._linear_f32(h, (self.model.lm_head,))
 
     def _decode_ops(self, x: torch.Tensor) -> bool:
         return (self.decode_ops and x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
@@ -255,7 +252,10 @@ class ModelRunner:
         """fp32 [rows, sum of outputs] of h against ws: one kernel GEMV where it applies, else
         torch (whose outputs, rounded to h's dtype, the decode ops round again to no effect)."""
         y = _kernel_linear_f32(h, ws, self.max_kernel_rows) if self.cpu_lm_head else None
-        return torch.cat([F.linear(h.to(w.dtype), w) for w in ws], dim=1).float() if y is None else y
+        if y is None:
+            ys = [F.linear(h.to(w.dtype), w) for w in ws]
+            y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)).float()
+        return y
 
     def _attention(self, li: int, layer: DecoderLayer, mb: _MicroBatch, kv_hook: KVHook | None) -> None:
         attn = layer.attn
@@ -273,15 +273,15 @@ class ModelRunner:
                 outs.append(None)
             else:
                 outs.append(attn.attend(qs, s.kv.read(li, s.end), **kwargs))
-        if len(paged) == 1 and len(next(iter(paged.values()))[2]) == len(outs):  # decode: q's rows in order
-            cache, block_size, seqs = next(iter(paged.values()))
-            o = attn.attend_paged(q, cache, [b for _, _, b, _ in seqs], block_size, [n for _, _, _, n in seqs])
+        for cache, block_size, seqs in paged.values():
+            blocks, lengths = [b for _, _, b, _ in seqs], [n for _, _, _, n in seqs]
+            if len(seqs) == len(outs):  # every segment (decode): q's rows in order, o whole
+                o = attn.attend_paged(q, cache, blocks, block_size, lengths)
+                break
+            op = attn.attend_paged(torch.cat([qs for _, qs, _, _ in seqs]), cache, blocks, block_size, lengths)
+            for (i, *_), oi in zip(seqs, op.split(1), strict=True):
+                outs[i] = oi
         else:
-            for cache, block_size, seqs in paged.values():
-                op = attn.attend_paged(torch.cat([qs for _, qs, _, _ in seqs]), cache, [b for _, _, b, _ in seqs],
-                                       block_size, [n for _, _, _, n in seqs])
-                for (i, *_), oi in zip(seqs, op.split(1), strict=True):
-                    outs[i] = oi
             o = torch.cat(outs)
         if isinstance(attn, GQAttention) and self._decode_ops(o):  # its fp32 sums: _add_norm rounds them
             mb.delta = self._linear_f32(o, (attn.o_proj,))
