@@ -28,9 +28,12 @@ def default_threads() -> int:
     return len(os.sched_getaffinity(0))
 
 
+_SUPPORTED = frozenset(cython_kernels.supported_variants())  # (CPUID's answer does not change)
+
+
 def _variant_code(variant: str | None) -> int:
     variant = variant or cython_kernels.VARIANT
-    if variant not in cython_kernels.supported_variants():
+    if variant not in _SUPPORTED:
         raise ValueError(f"kernel variant {variant!r} is not supported here; this CPU runs "
                          f"{cython_kernels.supported_variants()}")
     return _kernels.VARIANT_CODES[variant]
@@ -102,7 +105,7 @@ def gemv(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = None, *, va
     The weights are read once whatever T; activations are rounded to bf16 for the products,
     sums are fp32.
     """
-    return _gemv("gemv", x, [w], out, variant, threads)
+    return Gemv([w], what="gemv", variant=variant, threads=threads)(x, out)
 
 
 def gemv_multi(x: torch.Tensor, ws: list[QuantWeight] | tuple[QuantWeight, ...], *, variant: str | None = None,
@@ -110,30 +113,44 @@ def gemv_multi(x: torch.Tensor, ws: list[QuantWeight] | tuple[QuantWeight, ...],
     """``gemv`` of several weights (1 to 16, one format and input size) against the same x in one
     call: returns [T, sum of their rows] float32, weight i's outputs in its own column range. The
     activations are prepared once and the threads forked once (decode's q, k and v)."""
-    if not isinstance(ws, (list, tuple)) or not 1 <= len(ws) <= 16:
-        raise ValueError(f"gemv_multi: expected a list of 1 to 16 weights, got {type(ws).__name__}")
-    return _gemv("gemv_multi", x, ws, None, variant, threads)
+    return Gemv(ws, what="gemv_multi", variant=variant, threads=threads)(x)
 
 
-def _gemv(what: str, x: torch.Tensor, ws: list[QuantWeight] | tuple[QuantWeight, ...], out: torch.Tensor | None,
-          variant: str | None, threads: int | None) -> torch.Tensor:
-    """gemv and gemv_multi: checks (errors named for ``what``), then one kernel call."""
-    code = _variant_code(variant)
-    wts = [_check_weight(w, f"{what} weight" + (f" {i}" if len(ws) > 1 else ""), stacked=False)
-           for i, w in enumerate(ws)]
-    if len({(w.fmt, w.shape[1]) for w in ws}) != 1:
-        raise ValueError(f"{what}: the weights differ in format or input size: "
-                         f"{[(w.fmt, list(w.shape)) for w in ws]}")
-    cols = ws[0].shape[1]
-    xf = _activations(x, cols, what)
-    T, rows = xf.shape[0], sum(w.shape[0] for w in ws)
-    if out is None:
-        out = torch.empty(T, rows, dtype=torch.float32)
-    elif out.shape != (T, rows) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"{what}: out must be a contiguous float32 [{T}, {rows}] tensor")
-    xp = torch.empty(T * cols * _kernels.xp_bytes_per_element(code), dtype=torch.uint8)
-    _kernels.gemv_multi(code, wts, xf.data_ptr(), T, out.data_ptr(), xp.data_ptr(), threads or default_threads())
-    return out
+class Gemv:
+    """:func:`gemv_multi` bound to its weights, which are checked once, here: a call checks only
+    its activations. For a caller that runs the same weights again and again (a decode step's
+    linears: the weights' checks cost as much as a small GEMV's Python). It holds the weights, so
+    what it points C at stays alive; ``variant`` and ``threads`` left None are read at each call."""
+
+    def __init__(self, ws: list[QuantWeight] | tuple[QuantWeight, ...], *, what: str = "gemv_multi",
+                 variant: str | None = None, threads: int | None = None) -> None:
+        if not isinstance(ws, (list, tuple)) or not 1 <= len(ws) <= 16:
+            raise ValueError(f"{what}: expected a list of 1 to 16 weights, got {type(ws).__name__}")
+        self.what, self.weights = what, tuple(ws)
+        self._wts = [_check_weight(w, f"{what} weight" + (f" {i}" if len(ws) > 1 else ""), stacked=False)
+                     for i, w in enumerate(ws)]
+        if len({(w.fmt, w.shape[1]) for w in ws}) != 1:
+            raise ValueError(f"{what}: the weights differ in format or input size: "
+                             f"{[(w.fmt, list(w.shape)) for w in ws]}")
+        self.cols, self.rows = ws[0].shape[1], sum(w.shape[0] for w in ws)
+        if variant is not None:
+            _variant_code(variant)
+        self.variant, self.threads = variant, threads
+
+    def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """y [T, rows] float32 for x [T, cols] (or [cols]) float32 or bfloat16, T <= 64."""
+        code = _variant_code(self.variant)
+        xf = _activations(x, self.cols, self.what)
+        T = xf.shape[0]
+        if out is None:
+            out = torch.empty(T, self.rows, dtype=torch.float32)
+        elif out.shape != (T, self.rows) or out.dtype != torch.float32 or not out.is_contiguous() \
+                or out.device.type != "cpu":
+            raise ValueError(f"{self.what}: out must be a contiguous CPU float32 [{T}, {self.rows}] tensor")
+        xp = torch.empty(T * self.cols * _kernels.xp_bytes_per_element(code), dtype=torch.uint8)
+        _kernels.gemv_multi(code, self._wts, xf.data_ptr(), T, out.data_ptr(), xp.data_ptr(),
+                            self.threads or default_threads())
+        return out
 
 
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, block_size: int, length: int, *,

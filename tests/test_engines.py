@@ -322,19 +322,27 @@ def test_bench_prefill_smoke(tiny_models, tmp_path, device):
 
 
 def test_kernel_linear_matches_torch_and_declines_what_it_cannot_take():
-    from services.engine.runner import _kernel_linear, align_for_kernels, kernel_linear_max_rows
+    from services.engine.runner import KernelLinears, align_for_kernels, kernel_linear_max_rows
 
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(96, 160, generator=gen).to(torch.bfloat16)
+    w2 = torch.randn(32, 160, generator=gen).to(torch.bfloat16)
     most = kernel_linear_max_rows()
+    lin = KernelLinears(most)
     for rows in range(1, most + 1):
         x = torch.randn(rows, 160, generator=gen).to(torch.bfloat16)
-        got, want = _kernel_linear(x, w, most), F.linear(x.float(), w.float())
+        got, want = lin.linear(x, w), F.linear(x.float(), w.float())
         assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() <= 2e-2 * want.abs().max()
-    assert _kernel_linear(torch.randn(most + 1, 160).bfloat16(), w, most) is None
-    assert _kernel_linear(torch.randn(1, 160), w.float(), most) is None
+        # several weights in one call, each its own part; the bound call again gives the same
+        a, b = lin.linear(x, (w, w2))
+        assert torch.equal(a, got) and torch.equal(b, lin.linear(x, w2))
+        assert torch.equal(lin.f32(x, (w, w2))[:, :96], lin.f32(x.float(), (w,)))
+    assert lin.linear(torch.randn(most + 1, 160).bfloat16(), w) is None
+    assert lin.linear(torch.randn(1, 160), w.float()) is None
+    assert lin.linear(torch.randn(1, 96).bfloat16(), w) is None  # another input size
     misaligned = torch.empty(96 * 160 + 8, dtype=torch.bfloat16)[4:4 + 96 * 160].view(96, 160)
-    assert misaligned.data_ptr() % 64 and _kernel_linear(torch.randn(1, 160).bfloat16(), misaligned, most) is None
+    assert misaligned.data_ptr() % 64 and lin.linear(torch.randn(1, 160).bfloat16(), misaligned) is None
+    assert lin.linear(torch.randn(1, 160).bfloat16(), (w, torch.randn(8, 96).bfloat16())) is None
 
     class Tied(torch.nn.Module):
         def __init__(self, t):

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 from typing import Any, Protocol
 
 import torch
@@ -112,31 +111,50 @@ def align_for_kernels(model: CausalLM) -> int:
     return len(copies)
 
 
-def _kernel_linear_f32(x: torch.Tensor, ws: tuple[torch.Tensor, ...], max_rows: int) -> torch.Tensor | None:
-    """x [..., in] against the BF16 weights ws, all in one kernel GEMV call: fp32 [rows, sum of
-    their outputs], weight i's in its own column range; None where the kernels do not apply (a
-    few rows on the CPU, aligned contiguous BF16 weights). x may be bf16 or fp32: the kernel
-    rounds activations to bf16 (to nearest even, as ``x.to(torch.bfloat16)`` does)."""
-    if x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) or any(
-            v.dtype != torch.bfloat16 or v.dim() != 2 or v.data_ptr() % 64 or not v.is_contiguous()
-            or x.shape[-1] != v.shape[1] for v in ws):
-        return None
-    rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > max_rows or rows.shape[0] == 0:
-        return None
-    return api.gemv_multi(rows, [QuantWeight("dense", v, None, tuple(v.shape)) for v in ws])
+class KernelLinears:
+    """The CPU kernels' BF16 GEMV for a few rows (decode), bound once to each tuple of weights it
+    meets (:class:`cython_kernels.api.Gemv`: their checks are paid once, not at every call of every
+    step). It holds the weights it has bound: it belongs to one model, whose weights it serves."""
 
+    def __init__(self, max_rows: int) -> None:
+        self.max_rows = max_rows
+        self._bound: dict[tuple[int, ...], api.Gemv | None] = {}  # by the weights' ids (the Gemv holds them)
 
-def _kernel_linear(x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...], max_rows: int) -> Any:
-    """x W^T through the BF16 kernel GEMV for a few rows on the CPU (for a tuple of weights, all in
-    one call, a tuple back); None declines (torch then)."""
-    ws = w if isinstance(w, tuple) else (w,)
-    y = _kernel_linear_f32(x, ws, max_rows) if x.dtype == torch.bfloat16 else None
-    if y is None:
-        return None
-    outs = tuple(part.reshape(*x.shape[:-1], part.shape[1])
-                 for part in y.to(x.dtype).split([v.shape[0] for v in ws], dim=1))
-    return outs if isinstance(w, tuple) else outs[0]
+    def f32(self, x: torch.Tensor, ws: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """x [..., in] against the BF16 weights ws, all in one kernel GEMV call: fp32 [rows, sum
+        of their outputs], weight i's in its own column range; None where the kernels do not apply
+        (more than ``max_rows`` rows, not on the CPU; weights that are not aligned contiguous BF16
+        matrices of x's input size). x may be bf16 or fp32: the kernel rounds activations to bf16
+        (to nearest even, as ``x.to(torch.bfloat16)`` does)."""
+        key = tuple(map(id, ws))
+        g = self._bound.get(key, False)
+        if g is False:
+            g = self._bound[key] = self._bind(ws)
+        if g is None or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) \
+                or x.shape[-1] != g.cols:
+            return None
+        rows = x.reshape(-1, g.cols)
+        if not 0 < rows.shape[0] <= self.max_rows:
+            return None
+        return g(rows)
+
+    @staticmethod
+    def _bind(ws: tuple[torch.Tensor, ...]) -> api.Gemv | None:
+        if any(v.device.type != "cpu" or v.dtype != torch.bfloat16 or v.dim() != 2 or v.data_ptr() % 64
+               or not v.is_contiguous() or v.shape[1] != ws[0].shape[1] for v in ws):
+            return None
+        return api.Gemv([QuantWeight("dense", v, None, tuple(v.shape)) for v in ws])
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:
+        """x W^T (for a tuple of weights, all in one call, a tuple back) for bf16 x; None declines
+        (torch then): the model code's ``LINEAR_OVERRIDE``."""
+        ws = w if isinstance(w, tuple) else (w,)
+        y = self.f32(x, ws) if x.dtype == torch.bfloat16 else None
+        if y is None:
+            return None
+        outs = tuple(part.reshape(*x.shape[:-1], part.shape[1])
+                     for part in y.to(x.dtype).split([v.shape[0] for v in ws], dim=1))
+        return outs if isinstance(w, tuple) else outs[0]
 
 
 # Up to this many rows (decode batches), the residual add + RMSNorm and GQA's q/k norm + rotary
@@ -154,6 +172,7 @@ class ModelRunner:
         self.absorbed_mla = absorbed_mla
         self.cpu_lm_head = cpu_lm_head and model.device.type == "cpu"
         self.max_kernel_rows = kernel_linear_max_rows()
+        self.kernel_linears = KernelLinears(self.max_kernel_rows)
         # one-token GQA attention straight from the paged cache, where the kernels have the vector
         # path for it (their portable one is slower than torch's gather and matmuls)
         self.paged_attention = self.cpu_lm_head and cython_kernels.VARIANT in ("avx512_bf16", "avx512f")
@@ -168,8 +187,7 @@ class ModelRunner:
         """Run the segments; returns per segment fp32 logits [V] for its last token, or [T, V]
         for every new token when ``all_logits``. ``kv_hook`` sees each layer's new cache entries
         of each segment as soon as they exist; ``layer_hook(layer)`` runs before each layer."""
-        fast = partial(_kernel_linear, max_rows=self.max_kernel_rows) if self.cpu_lm_head else None
-        token = LINEAR_OVERRIDE.set(fast) if fast is not None else None
+        token = LINEAR_OVERRIDE.set(self.kernel_linears.linear) if self.cpu_lm_head else None
         try:
             return self._forward(segments, overlap, kv_hook, layer_hook)
         finally:
@@ -251,7 +269,7 @@ class ModelRunner:
     def _linear_f32(self, h: torch.Tensor, ws: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """fp32 [rows, sum of outputs] of h against ws: one kernel GEMV where it applies, else
         torch (whose outputs, rounded to h's dtype, the decode ops round again to no effect)."""
-        y = _kernel_linear_f32(h, ws, self.max_kernel_rows) if self.cpu_lm_head else None
+        y = self.kernel_linears.f32(h, ws) if self.cpu_lm_head else None
         if y is None:
             ys = [F.linear(h.to(w.dtype), w) for w in ws]
             y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)).float()
