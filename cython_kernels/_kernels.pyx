@@ -56,8 +56,9 @@ cdef extern from "attention.h" nogil:
 cdef extern from "decode_ops.h" nogil:
     void hm_add_rms_norm(const void *x, const void *d, int dbf16, void *xo, void *y, const void *w, int64_t N,
                          int64_t D, float eps, int bf16, float *scratch)
-    void hm_qk_norm_rope(const float *y, int64_t N, int H, int K, int dh, const void *qw, const void *kw, float eps,
-                         const void *cs, const void *sn, int interleaved, int bf16, void *q, void *kv)
+    int hm_qk_norm_rope(const float *y, int64_t N, int H, int K, int dh, const void *qw, const void *kw, float eps,
+                        const void *cs, const void *sn, int interleaved, int bf16, void *q, void *kv,
+                        const int64_t *rows, int64_t nrows, int64_t ld)
     void hm_softmax_topk(const float *logits, int64_t N, int E, int k, int norm, int bf16, float *p, int64_t *ids,
                          float *w)
 
@@ -217,12 +218,17 @@ def add_rms_norm(uintptr_t x, uintptr_t d, bint dbf16, uintptr_t xo, uintptr_t y
 
 
 def qk_norm_rope(uintptr_t y, int64_t N, int H, int K, int dh, uintptr_t qw, uintptr_t kw, float eps, uintptr_t cs,
-                 uintptr_t sn, bint interleaved, bint bf16, uintptr_t q, uintptr_t kv):
-    """GQA's fp32 projections y -> rotated (and normed, when qw and kw) queries q and entries kv
-    (see decode_ops.h)."""
+                 uintptr_t sn, bint interleaved, bint bf16, uintptr_t q, uintptr_t kv, uintptr_t rows, int64_t nrows,
+                 int64_t ld):
+    """GQA's fp32 projections y -> rotated (and normed, when qw and kw) queries q and entries kv,
+    token t's at row rows[t] of a cache of nrows rows of ld elements when rows (see decode_ops.h)."""
+    cdef int rc
     with nogil:
-        hm_qk_norm_rope(<const float *> y, N, H, K, dh, <const void *> qw, <const void *> kw, eps,
-                        <const void *> cs, <const void *> sn, interleaved, bf16, <void *> q, <void *> kv)
+        rc = hm_qk_norm_rope(<const float *> y, N, H, K, dh, <const void *> qw, <const void *> kw, eps,
+                             <const void *> cs, <const void *> sn, interleaved, bf16, <void *> q, <void *> kv,
+                             <const int64_t *> rows, nrows, ld)
+    if rc == -2:
+        raise ValueError(f"qk_norm_rope: cache rows must lie in [0, {nrows})")
 
 
 def softmax_topk(uintptr_t logits, int64_t N, int E, int k, bint norm, bint bf16, uintptr_t ids, uintptr_t w):

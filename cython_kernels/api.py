@@ -263,7 +263,8 @@ def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tens
 
 def qk_norm_rope(y: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor, sin: torch.Tensor,
                  dtype: torch.dtype, *, q_weight: torch.Tensor | None = None, k_weight: torch.Tensor | None = None,
-                 eps: float = 0.0, interleaved: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                 eps: float = 0.0, interleaved: bool = False, kv_out: torch.Tensor | None = None,
+                 kv_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """GQA's q/k/v projections of a few tokens -> (queries [N, heads, head_dim], cache entries
     [N, 2 kv_heads head_dim], k then v), in ``dtype``: what ``GQAttention.project`` computes after
     its linears, in one call.
@@ -273,7 +274,12 @@ def qk_norm_rope(y: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos:
     k's heads go through the per-head RMSNorm with ``q_weight`` / ``k_weight`` ([head_dim], both
     or neither) and the rotary embedding with ``cos``/``sin`` [N, head_dim / 2] (``dtype``;
     ``interleaved``: pairs (x0, x1)... rather than halves, put out in halves as Rotary.apply
-    does)."""
+    does).
+
+    With ``kv_out`` (a contiguous [rows, width] tensor of ``dtype``, width >= 2 kv_heads head_dim:
+    a paged cache) and ``kv_rows`` (int64 [N]), token t's entry is written at the start of row
+    ``kv_rows[t]`` of ``kv_out`` instead (decode's new entries, straight into the cache), and the
+    second result is ``kv_out``. A row outside the cache raises before anything is written."""
     if dtype not in _GLUE_DTYPES:
         raise ValueError(f"qk_norm_rope: dtype must be float32 or bfloat16, got {dtype}")
     if min(heads, kv_heads) < 1 or heads % kv_heads or head_dim < 2 or head_dim % 2 or head_dim > QK_MAX_HEAD_DIM:
@@ -290,13 +296,26 @@ def qk_norm_rope(y: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos:
     if q_weight is not None:
         _check_rows(q_weight, "qk_norm_rope q_weight", (head_dim,), dtype)
         _check_rows(k_weight, "qk_norm_rope k_weight", (head_dim,), dtype)
+    if (kv_out is None) != (kv_rows is None):
+        raise ValueError("qk_norm_rope: give kv_out and kv_rows together, or neither")
     q = torch.empty(N, heads, head_dim, dtype=dtype)
-    kv = torch.empty(N, 2 * kv_heads * head_dim, dtype=dtype)
+    rows, nrows, ld = 0, 0, 0
+    if kv_out is None:
+        kv = torch.empty(N, 2 * kv_heads * head_dim, dtype=dtype)
+    else:
+        if not isinstance(kv_out, torch.Tensor) or kv_out.dim() != 2 or kv_out.shape[1] < 2 * kv_heads * head_dim:
+            raise ValueError(f"qk_norm_rope: kv_out must be a [rows, width >= {2 * kv_heads * head_dim}] tensor")
+        _check_rows(kv_out, "qk_norm_rope kv_out", None, dtype)
+        if not isinstance(kv_rows, torch.Tensor) or kv_rows.dtype != torch.int64 or tuple(kv_rows.shape) != (N,) \
+                or kv_rows.device.type != "cpu" or not kv_rows.is_contiguous():
+            raise ValueError(f"qk_norm_rope: kv_rows must be a contiguous CPU int64 [{N}] tensor")
+        kv, (nrows, ld), rows = kv_out, kv_out.shape, kv_rows.data_ptr()
     if N:
         _kernels.qk_norm_rope(y.data_ptr(), N, heads, kv_heads, head_dim,
                               0 if q_weight is None else q_weight.data_ptr(),
                               0 if k_weight is None else k_weight.data_ptr(), float(eps), cos.data_ptr(),
-                              sin.data_ptr(), interleaved, dtype == torch.bfloat16, q.data_ptr(), kv.data_ptr())
+                              sin.data_ptr(), interleaved, dtype == torch.bfloat16, q.data_ptr(), kv.data_ptr(),
+                              rows, nrows, ld)
     return q, kv
 
 
@@ -334,25 +353,6 @@ def dequantize_fp8(w: QuantWeight, *, threads: int | None = None) -> torch.Tenso
     return out
 
 
-def _check_moe(x, ids, weights, gate, up, down):
-    g = _check_weight(gate, "experts' gate", stacked=True)
-    u = _check_weight(up, "experts' up", stacked=True)
-    d = _check_weight(down, "experts' down", stacked=True)
-    E, I, D = gate.shape
-    if tuple(up.shape) != (E, I, D) or tuple(down.shape) != (E, D, I):
-        raise ValueError(f"experts: gate {list(gate.shape)}, up {list(up.shape)} and down {list(down.shape)} "
-                         "must be [E, I, D], [E, I, D], [E, D, I]")
-    xf = _activations(x, D, "moe_forward")
-    T = xf.shape[0]
-    if ids.dim() != 2 or ids.shape[0] != T or ids.dtype != torch.int64:
-        raise ValueError(f"moe_forward: expert ids must be int64 [{T}, k], got {ids.dtype} {list(ids.shape)}")
-    if weights.shape != ids.shape or weights.dtype != torch.float32:
-        raise ValueError(f"moe_forward: routing weights must be float32 {list(ids.shape)}, got "
-                         f"{weights.dtype} {list(weights.shape)}")
-    # (the ids' range is checked by the C call before it reads: no torch reduction in decode's path)
-    return g, u, d, E, xf, ids.contiguous(), weights.contiguous()
-
-
 def moe_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantWeight, up: QuantWeight,
                 down: QuantWeight, *, variant: str | None = None, threads: int | None = None) -> torch.Tensor:
     """One layer's routed experts: out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]), with
@@ -360,15 +360,54 @@ def moe_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate:
 
     Tiles of (expert, block of rows) are spread over ``threads`` threads; no GIL is held.
     """
-    return _moe_checked(_variant_code(variant), _check_moe(x, ids, weights, gate, up, down), threads)
+    return Experts(gate, up, down, variant=variant, threads=threads)(x, ids, weights)
 
 
-def _moe_checked(code: int, checked: tuple, threads: int | None) -> torch.Tensor:
-    g, u, d, E, xf, ids, weights = checked
-    out = torch.empty_like(xf)
-    _kernels.moe_forward(code, g, u, d, E, xf.data_ptr(), xf.shape[0], ids.shape[1], ids.data_ptr(),
-                         weights.data_ptr(), out.data_ptr(), threads or default_threads())
-    return out
+class Experts:
+    """One layer's routed experts bound for :func:`moe_forward`: the stacked weights (gate and up
+    [E, I, D], down [E, D, I]) are checked once, here, and a call checks only its activations,
+    ids and routing weights (decode calls each layer's experts every step). It holds the weights;
+    ``variant`` and ``threads`` left None are read at each call."""
+
+    def __init__(self, gate: QuantWeight, up: QuantWeight, down: QuantWeight, *, variant: str | None = None,
+                 threads: int | None = None) -> None:
+        self.g = _check_weight(gate, "experts' gate", stacked=True)
+        self.u = _check_weight(up, "experts' up", stacked=True)
+        self.d = _check_weight(down, "experts' down", stacked=True)
+        E, I, D = gate.shape
+        if tuple(up.shape) != (E, I, D) or tuple(down.shape) != (E, D, I):
+            raise ValueError(f"experts: gate {list(gate.shape)}, up {list(up.shape)} and down {list(down.shape)} "
+                             "must be [E, I, D], [E, I, D], [E, D, I]")
+        if variant is not None:
+            _variant_code(variant)
+        self.weights, self.E, self.D = (gate, up, down), E, D
+        self.variant, self.threads = variant, threads
+
+    def check(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple:
+        """The call's checked arguments (see :meth:`run`): bad input raises here."""
+        xf = _activations(x, self.D, "moe_forward")
+        T = xf.shape[0]
+        if ids.dim() != 2 or ids.shape[0] != T or ids.dtype != torch.int64 or ids.device.type != "cpu":
+            raise ValueError(f"moe_forward: expert ids must be CPU int64 [{T}, k], got {ids.dtype} "
+                             f"{list(ids.shape)}")
+        if weights.shape != ids.shape or weights.dtype != torch.float32 or weights.device.type != "cpu":
+            raise ValueError(f"moe_forward: routing weights must be CPU float32 {list(ids.shape)}, got "
+                             f"{weights.dtype} {list(weights.shape)}")
+        # (the ids' range is checked by the C call before it reads: no torch reduction in decode's path)
+        return _variant_code(self.variant), xf, ids.contiguous(), weights.contiguous()
+
+    def run(self, checked: tuple, threads: int | None = None) -> torch.Tensor:
+        """The call on :meth:`check`'s result (on ``threads`` when given, else the binding's)."""
+        code, xf, ids, weights = checked
+        out = torch.empty_like(xf)
+        _kernels.moe_forward(code, self.g, self.u, self.d, self.E, xf.data_ptr(), xf.shape[0], ids.shape[1],
+                             ids.data_ptr(), weights.data_ptr(), out.data_ptr(),
+                             threads or self.threads or default_threads())
+        return out
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """[T, D] float32: see :func:`moe_forward`."""
+        return self.run(self.check(x, ids, weights))
 
 
 class MoEPool:
@@ -381,14 +420,23 @@ class MoEPool:
         if cpus:  # pin the OpenMP team that the worker thread will use
             self._executor.submit(_kernels.pin_threads, list(cpus), self.threads).result()
 
-    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantWeight,
-               up: QuantWeight, down: QuantWeight, *, variant: str | None = None) -> Future:
-        """Start ``moe_forward``; returns a future. Dtypes, shapes and weights are checked here,
-        so such bad input fails at submit; expert ids outside [0, E) are found by the call itself,
-        before it reads anything, and raise at sync. The future holds the checked tensors until
-        the call returns."""
-        checked = _check_moe(x, ids, weights, gate, up, down)
-        return self._executor.submit(_moe_checked, _variant_code(variant), checked, self.threads)
+    def submit(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate: QuantWeight | Experts,
+               up: QuantWeight | None = None, down: QuantWeight | None = None, *,
+               variant: str | None = None) -> Future:
+        """Start ``moe_forward``; returns a future. ``gate`` may be the layer's bound
+        :class:`Experts` instead of its three weights (then ``up``, ``down`` and ``variant`` are
+        left out: the binding has them). Dtypes, shapes and weights are checked here, so such bad
+        input fails at submit; expert ids outside [0, E) are found by the call itself, before it
+        reads anything, and raise at sync. The future holds the checked tensors until the call
+        returns. The pool's thread count overrides the binding's."""
+        if isinstance(gate, Experts):
+            if up is not None or down is not None or variant is not None:
+                raise ValueError("MoEPool.submit: bound Experts carry their weights and variant")
+            ex = gate
+        else:
+            ex = Experts(gate, up, down, variant=variant)
+        checked = ex.check(x, ids, weights)
+        return self._executor.submit(ex.run, checked, self.threads)
 
     @staticmethod
     def sync(future: Future) -> torch.Tensor:

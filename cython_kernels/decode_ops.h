@@ -85,22 +85,31 @@ HM_NOCONTRACT static void hm_qk_head(float *v, int dh, const void *w, float eps,
 }
 
 /* GQA's projections -> queries and cache entries. y: fp32 [N][(H + 2K) dh], each token's q, k
- * and v side by side (the GEMV's output). q: [N][H][dh] and kv: [N][2K dh] (k then v) in the
- * dtype. q's and k's heads go through hm_qk_head (qw / kw the norms' weights, both or neither;
- * cos / sin [N][dh / 2] in the dtype), v is rounded to the dtype. */
-static void hm_qk_norm_rope(const float *y, int64_t N, int H, int K, int dh, const void *qw, const void *kw,
-                            float eps, const void *cs, const void *sn, int interleaved, int bf16, void *q, void *kv) {
+ * and v side by side (the GEMV's output). q: [N][H][dh] and the entries (2K dh: k then v) in the
+ * dtype: token t's at kv + t * 2K dh, or with rows (not NULL) at kv + rows[t] * ld, a row of a
+ * cache of nrows rows of ld elements (decode writes its new entries straight into the paged
+ * cache). q's and k's heads go through hm_qk_head (qw / kw the norms' weights, both or neither;
+ * cos / sin [N][dh / 2] in the dtype), v is rounded to the dtype. Returns 0, or -2 (before it
+ * writes anything) when a row lies outside [0, nrows). */
+static int hm_qk_norm_rope(const float *y, int64_t N, int H, int K, int dh, const void *qw, const void *kw, float eps,
+                           const void *cs, const void *sn, int interleaved, int bf16, void *q, void *kv,
+                           const int64_t *rows, int64_t nrows, int64_t ld) {
     float v[HM_QK_MAX_DH];
     const int64_t width = (int64_t)(H + 2 * K) * dh, kvw = 2 * (int64_t)K * dh;
+    if (rows)
+        for (int64_t t = 0; t < N; t++)
+            if (rows[t] < 0 || rows[t] >= nrows) return -2;
     for (int64_t t = 0; t < N; t++) {
         const float *yt = y + t * width;
+        const int64_t at = rows ? rows[t] * ld : t * kvw;
         for (int j = 0; j < H + K; j++) {
             for (int i = 0; i < dh; i++) v[i] = hm_rnd(yt[(int64_t)j * dh + i], bf16);
             if (j < H) hm_qk_head(v, dh, qw, eps, cs, sn, t * (dh / 2), interleaved, bf16, q, (t * H + j) * dh);
-            else hm_qk_head(v, dh, kw, eps, cs, sn, t * (dh / 2), interleaved, bf16, kv, t * kvw + (int64_t)(j - H) * dh);
+            else hm_qk_head(v, dh, kw, eps, cs, sn, t * (dh / 2), interleaved, bf16, kv, at + (int64_t)(j - H) * dh);
         }
-        for (int64_t i = 0; i < (int64_t)K * dh; i++) hm_st(kv, t * kvw + (int64_t)K * dh + i, yt[(int64_t)(H + K) * dh + i], bf16);
+        for (int64_t i = 0; i < (int64_t)K * dh; i++) hm_st(kv, at + (int64_t)K * dh + i, yt[(int64_t)(H + K) * dh + i], bf16);
     }
+    return 0;
 }
 
 /* A softmax router's choice for each of N rows of E logits: rounded to the dtype first (the gate

@@ -97,6 +97,13 @@ class SequenceKV:
             self._blocks = torch.tensor(self.table, dtype=torch.int64, device=self.cache.layers[layer].device)
         return self.cache.layers[layer], self._blocks, self.cache.block_size
 
+    def slot(self, pos: int) -> int:
+        """The row of every layer's cache (``paged(layer)[0]``) that holds position ``pos``."""
+        bs = self.cache.block_size
+        if not 0 <= pos < len(self.table) * bs:
+            raise ValueError(f"position {pos} does not fit {len(self.table)} blocks of {bs}")
+        return self.table[pos // bs] * bs + pos % bs
+
     def write(self, layer: int, start: int, entries: torch.Tensor) -> None:
         self.cache.write(layer, self.table, start, entries)
 

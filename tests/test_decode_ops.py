@@ -75,6 +75,17 @@ def test_qk_norm_rope_matches_project(dtype, normed, interleaved, H, K, Dh, N):
     q, kv = api.qk_norm_rope(y, H, K, Dh, cos, sin, dtype, interleaved=interleaved, **norms)
     _close(q, ref_q)
     _close(kv, ref_kv)
+    # straight into rows of a cache (wider than an entry): the same entries there, nothing else
+    # touched, the same queries
+    cache = torch.full((9, 2 * K * Dh + 5), 7.0, dtype=dtype)
+    rows = torch.tensor([6, 0, 8][:N])
+    q2, back = api.qk_norm_rope(y, H, K, Dh, cos, sin, dtype, interleaved=interleaved, kv_out=cache, kv_rows=rows,
+                                **norms)
+    assert back is cache and torch.equal(q2, q)
+    assert torch.equal(cache[rows, : 2 * K * Dh], kv)
+    rest = torch.ones(9, dtype=torch.bool)
+    rest[rows] = False
+    assert (cache[rest] == 7).all() and (cache[:, 2 * K * Dh :] == 7).all()
 
 
 def _project_from(attn: GQAttention, y: torch.Tensor, positions: torch.Tensor, dtype: torch.dtype):
@@ -144,6 +155,19 @@ def test_decode_ops_bad_input():
         api.qk_norm_rope(y, 4, 1, 16, cs, cs, torch.float32, q_weight=torch.ones(16))
     with pytest.raises(ValueError, match="dtype must be"):
         api.qk_norm_rope(y, 4, 1, 16, cs, cs, torch.float16)
+    cache = torch.zeros(4, 2 * 16)
+    with pytest.raises(ValueError, match="kv_out and kv_rows together"):
+        api.qk_norm_rope(y, 4, 1, 16, cs, cs, torch.float32, kv_out=cache)
+    with pytest.raises(ValueError, match="kv_out must be a .rows, width >= 32. tensor"):
+        api.qk_norm_rope(y, 4, 1, 16, cs, cs, torch.float32, kv_out=torch.zeros(4, 31), kv_rows=torch.tensor([0]))
+    with pytest.raises(ValueError, match="kv_out: expected a contiguous CPU torch.float32"):
+        api.qk_norm_rope(y, 4, 1, 16, cs, cs, torch.float32, kv_out=cache.bfloat16(), kv_rows=torch.tensor([0]))
+    with pytest.raises(ValueError, match="kv_rows must be a contiguous CPU int64 \\[1\\]"):
+        api.qk_norm_rope(y, 4, 1, 16, cs, cs, torch.float32, kv_out=cache, kv_rows=torch.tensor([0, 1]))
+    for bad in (4, -1):  # outside the cache: raises before it writes
+        with pytest.raises(ValueError, match="cache rows must lie in \\[0, 4\\)"):
+            api.qk_norm_rope(y, 4, 1, 16, cs, cs, torch.float32, kv_out=cache, kv_rows=torch.tensor([bad]))
+        assert (cache == 0).all()
     with pytest.raises(ValueError, match="k must lie in \\[1, 4\\]"):
         api.softmax_topk(torch.randn(2, 4), 5, True, torch.float32)
     with pytest.raises(ValueError, match="logits: expected a contiguous CPU torch.float32"):
@@ -185,3 +209,40 @@ def test_engine_decode_ops_match_torch_sequences(tiny_models, preset, monkeypatc
         assert [e.token for e in events] == [e.token for e in other]
         for a, b in zip(events, other, strict=True):
             torch.testing.assert_close(a.logits, b.logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-mixtral"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_engine_paged_step_equals_per_segment_path(tiny_models, preset, dtype, monkeypatch):
+    """A decode step of one-token sequences writes its new entries straight into the paged cache
+    (qk_norm_rope's kv_out) and reads attention there, with what every layer needs made once per
+    step: the same logits, to the bit, as writing each segment's entries through its cache and
+    attending per cache; and it is taken (and only for one-token steps)."""
+    from services.engine.decode import DecodeEngine
+    from shared.model import load_model
+    from shared.sampling import SamplingParams
+
+    direct = [0]
+    original = api.qk_norm_rope
+    monkeypatch.setattr(api, "qk_norm_rope", lambda *a, **k: direct.__setitem__(0, direct[0] + ("kv_out" in k))
+                        or original(*a, **k))
+    results = []
+    for fast in (True, False):
+        m = load_model(tiny_models[preset, "fp8"], dtype=dtype)
+        eng = DecodeEngine(m, num_blocks=64, block_size=4, experts="kernel", keep_logits=True)
+        if not eng.runner.paged_attention:
+            pytest.skip("the kernels' paged attention needs an AVX-512 variant")
+        if not fast:
+            monkeypatch.setattr(eng.runner, "_paged_step", lambda mb: None)
+        direct[0] = 0
+        for i, n in enumerate((5, 13, 2)):
+            eng.add(str(i), list(range(3, 3 + n)), SamplingParams(max_tokens=6, ignore_eos=True))
+        results.append(eng.run_all())
+        layers = len(m.layers)
+        # the prompts' step (several tokens a segment) takes the per-segment path; then 5 steps
+        # of one token each
+        assert direct[0] == (5 * layers if fast else 0)
+    for rid, events in results[0].items():
+        other = results[1][rid]
+        assert [e.token for e in events] == [e.token for e in other]
+        assert all(torch.equal(a.logits, b.logits) for a, b in zip(events, other, strict=True))

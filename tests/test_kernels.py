@@ -400,3 +400,46 @@ def test_gemv_multi_bad_input():
         api.gemv_multi(x, [])
     with pytest.raises(ValueError, match=r"activations must be \[tokens, 256\]"):
         api.gemv_multi(torch.randn(1, 100), [a])
+
+
+def test_bound_gemv_and_experts_equal_the_one_call_forms():
+    """api.Gemv and api.Experts check their weights once and then only each call's activations:
+    the same results as gemv_multi / moe_forward over calls of different sizes, the pool takes
+    a bound layer, and bad activations still raise."""
+    g = torch.Generator().manual_seed(3)
+    ws = [_q(torch.randn(rows, 256, generator=g) * 0.05, "fp8_b128") for rows in (40, 7)]
+    bound = api.Gemv(ws, threads=2)
+    assert (bound.rows, bound.cols) == (47, 256)
+    for tokens in (1, 5, 1):
+        x = torch.randn(tokens, 256, generator=g)
+        assert torch.equal(bound(x), api.gemv_multi(x, ws, threads=2))
+    out = torch.empty(2, 47)
+    x = torch.randn(2, 256, generator=g).bfloat16()
+    assert bound(x, out) is out and torch.equal(out, api.gemv_multi(x, ws, threads=2))
+    with pytest.raises(ValueError, match=r"activations must be \[tokens, 256\]"):
+        bound(torch.randn(1, 255))
+    with pytest.raises(ValueError, match=r"out must be a contiguous CPU float32 \[1, 47\]"):
+        bound(torch.randn(1, 256), torch.empty(1, 46))
+    with pytest.raises(ValueError, match="not supported here|not a kernel variant"):
+        api.Gemv(ws, variant="avx9000")
+
+    gate, up, down = _experts("fp8_b128")
+    ex = api.Experts(gate, up, down, threads=2)
+    pool = api.MoEPool(threads=2)
+    try:
+        for tokens in (1, 3):
+            x, ids, w = torch.randn(tokens, 256, generator=g), torch.randint(0, 8, (tokens, 2), generator=g), \
+                torch.rand(tokens, 2, generator=g)
+            want = api.moe_forward(x, ids, w, gate, up, down, threads=2)
+            assert torch.equal(ex(x, ids, w), want)
+            assert torch.equal(pool.sync(pool.submit(x, ids, w, ex)), want)
+        with pytest.raises(ValueError, match="bound Experts carry their weights"):
+            pool.submit(x, ids, w, ex, up, down)
+        with pytest.raises(ValueError, match=r"routing weights must be CPU float32 \[3, 2\]"):
+            pool.submit(x, ids, w.double(), ex)
+    finally:
+        pool.close()
+    with pytest.raises(ValueError, match=r"expert ids must be CPU int64 \[3, k\]"):
+        ex(x, ids.int(), w)
+    with pytest.raises(ValueError, match=r"must be \[E, I, D\], \[E, I, D\], \[E, D, I\]"):
+        api.Experts(gate, down, up)

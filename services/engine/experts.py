@@ -57,23 +57,33 @@ class KernelExperts:
 
     def __init__(self, threads: int | None = None, pool: api.MoEPool | None = None, variant: str | None = None):
         self.threads, self.pool, self.variant = threads, pool, variant
+        # each layer's experts bound once (api.Experts: their weights checked once), by module;
+        # the module is kept beside its binding so that its id stays its own
+        self._bound: dict[int, tuple[RoutedExperts, api.Experts]] = {}
+
+    def bound(self, experts: RoutedExperts) -> api.Experts:
+        hit = self._bound.get(id(experts))
+        if hit is None:
+            hit = self._bound[id(experts)] = (experts, api.Experts(
+                experts.weight("gate"), experts.weight("up"), experts.weight("down"), variant=self.variant,
+                threads=self.threads))
+        return hit[1]
 
     def start(self, layer: int, experts: RoutedExperts, x: torch.Tensor, ids: torch.Tensor,
               weights: torch.Tensor) -> list:
-        g, u, d = experts.weight("gate"), experts.weight("up"), experts.weight("down")
+        ex = self.bound(experts)
         home = x.device
         if home.type != "cpu":
             x, ids, weights = x.to("cpu"), ids.to("cpu"), weights.to("cpu")
+        weights = weights.float()
         parts = []
-        for t0 in range(0, x.shape[0], api.MAX_TOKENS):
-            sl = slice(t0, t0 + api.MAX_TOKENS)
-            xs, ids_s, w_s = x[sl], ids[sl].contiguous(), weights[sl].float().contiguous()
-            if self.pool is not None:
-                parts.append(self.pool.submit(xs, ids_s, w_s, g, u, d, variant=self.variant))
-            else:
-                parts.append(api.moe_forward(xs, ids_s, w_s, g, u, d, variant=self.variant, threads=self.threads))
+        for t0 in range(0, x.shape[0], api.MAX_TOKENS):  # (decode's batches: one part, no slicing)
+            xs, ids_s, w_s = (x, ids, weights) if x.shape[0] <= api.MAX_TOKENS else \
+                (x[t0 : t0 + api.MAX_TOKENS], ids[t0 : t0 + api.MAX_TOKENS], weights[t0 : t0 + api.MAX_TOKENS])
+            parts.append(self.pool.submit(xs, ids_s, w_s, ex) if self.pool is not None else ex(xs, ids_s, w_s))
         return parts, home
 
     def finish(self, handle: tuple[list, torch.device]) -> torch.Tensor:
         parts, home = handle
-        return torch.cat([p.result() if isinstance(p, Future) else p for p in parts]).to(home)
+        outs = [p.result() if isinstance(p, Future) else p for p in parts]
+        return (outs[0] if len(outs) == 1 else torch.cat(outs)).to(home)

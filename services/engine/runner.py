@@ -25,6 +25,7 @@ from torch import nn
 import cython_kernels
 from cython_kernels import api
 from shared.deepseek_v3 import MLAttention
+from shared.kv_cache import SequenceKV
 from shared.layers import (
     LINEAR_OVERRIDE,
     CausalLM,
@@ -85,6 +86,18 @@ class _MicroBatch:
         self.pending: tuple | None = None  # (handle, shared output or None) of a layer's experts
         self.delta: torch.Tensor | None = None  # the last block's output, not yet added to x (see _add_norm)
         self.tables: dict[int, tuple] = {}  # rotary cos/sin for these positions, by rotary module
+        self.paged: _PagedStep | bool | None = None  # see ModelRunner._paged_step (False: not such a batch)
+
+
+@dataclass
+class _PagedStep:
+    """A micro-batch of one-token steps of sequences in one paged cache (decode), as every layer's
+    attention takes it: made once per step, not per layer."""
+
+    kv: SequenceKV  # one of them: its paged(layer) gives that layer's cache
+    blocks: list[torch.Tensor]  # each sequence's block ids
+    lengths: list[int]  # each sequence's positions after this step
+    rows: torch.Tensor  # int64 [n]: the cache row of each sequence's new entry
 
 
 def kernel_linear_max_rows() -> int:
@@ -241,12 +254,18 @@ class ModelRunner:
         mb.x = x if delta is None else x + delta.to(x.dtype)
         return norm(mb.x)
 
-    def _project(self, attn: nn.Module, h: torch.Tensor, mb: _MicroBatch) -> tuple[torch.Tensor, ...]:
-        """attn.project(h, mb.positions); for GQA and decode's few rows the linears in one kernel
-        GEMV (when they apply) and the q/k norm + rotary in one kernel call, with the rotary
-        tables made once per step."""
-        if not (isinstance(attn, GQAttention) and self._decode_ops(h)
-                and 2 * attn.rotary.inv_freq.shape[0] == attn.head_dim <= api.QK_MAX_HEAD_DIM):
+    def _fused_qk(self, attn: nn.Module, h: torch.Tensor) -> bool:
+        """Whether GQA's projection takes one GEMV and one qk_norm_rope call (see _project)."""
+        return (isinstance(attn, GQAttention) and self._decode_ops(h)
+                and 2 * attn.rotary.inv_freq.shape[0] == attn.head_dim <= api.QK_MAX_HEAD_DIM)
+
+    def _project(self, attn: nn.Module, h: torch.Tensor, mb: _MicroBatch,
+                 step: _PagedStep | None = None, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """attn.project(h, mb.positions); for GQA and decode's few rows (_fused_qk) the linears in
+        one kernel GEMV and the q/k norm + rotary in one kernel call, with the rotary tables made
+        once per step. With ``step``, the new entries go straight into the layer's paged ``cache``
+        (at step.rows) and the second result is that cache."""
+        if not self._fused_qk(attn, h):
             return attn.project(h, mb.positions)
         y = self._linear_f32(h, (attn.q_proj, attn.k_proj, attn.v_proj))
         tables = mb.tables.get(id(attn.rotary))
@@ -255,8 +274,23 @@ class ModelRunner:
         cos, sin = tables
         norms = {} if attn.q_norm is None else {"q_weight": attn.q_norm.weight, "k_weight": attn.k_norm.weight,
                                                  "eps": attn.q_norm.eps}
+        if step is not None:
+            norms |= {"kv_out": cache, "kv_rows": step.rows}
         return api.qk_norm_rope(y, attn.heads, attn.kv_heads, attn.head_dim, cos, sin, h.dtype,
                                 interleaved=attn.rotary.interleaved, **norms)
+
+    def _paged_step(self, mb: _MicroBatch) -> _PagedStep | None:
+        """The micro-batch as a _PagedStep when it is one (every segment one new token of a
+        sequence in the same paged cache, of the model's dtype, on the CPU, with the kernels'
+        paged attention on), else None; decided and made once per step."""
+        if mb.paged is None:
+            segs, mb.paged = mb.segments, False
+            if (self.paged_attention and all(n == 1 for n in mb.sizes)
+                    and all(isinstance(s.kv, SequenceKV) and s.kv.cache is segs[0].kv.cache for s in segs)
+                    and segs[0].kv.cache.dtype == mb.x.dtype and mb.x.device.type == "cpu"):
+                mb.paged = _PagedStep(segs[0].kv, [s.kv.paged(0)[1] for s in segs], [s.end for s in segs],
+                                      torch.tensor([s.kv.slot(s.start) for s in segs], dtype=torch.int64))
+        return mb.paged or None
 
     def _route(self, router: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """router(h); a softmax router's linear, softmax and top-k for decode's few rows in one
@@ -277,7 +311,25 @@ class ModelRunner:
 
     def _attention(self, li: int, layer: DecoderLayer, mb: _MicroBatch, kv_hook: KVHook | None) -> None:
         attn = layer.attn
-        q, entries = self._project(attn, self._add_norm(mb, layer.input_norm), mb)
+        h = self._add_norm(mb, layer.input_norm)
+        step = self._paged_step(mb) if kv_hook is None and self._fused_qk(attn, h) else None
+        if step is not None:  # decode: new entries straight into the paged cache, attention read there
+            cache, _, block_size = step.kv.paged(li)
+            q, _ = self._project(attn, h, mb, step, cache)
+            o = attn.attend_paged(q, cache, step.blocks, block_size, step.lengths)
+        else:
+            o = self._attend_segments(li, attn, h, mb, kv_hook)
+        if isinstance(attn, GQAttention) and self._decode_ops(o):  # its fp32 sums: _add_norm rounds them
+            mb.delta = self._linear_f32(o, (attn.o_proj,))
+        else:
+            mb.delta = attn.output(o)
+
+    def _attend_segments(self, li: int, attn: nn.Module, h: torch.Tensor, mb: _MicroBatch,
+                         kv_hook: KVHook | None) -> torch.Tensor:
+        """Attention's output for any batch: each segment's entries written to its cache (and shown
+        to kv_hook), then its attention over that cache; one-token segments of a paged cache read
+        it in place, one kernel call per cache."""
+        q, entries = self._project(attn, h, mb)
         kwargs = {"absorbed": True} if self.absorbed_mla and isinstance(attn, MLAttention) else {}
         outs: list[torch.Tensor | None] = []
         paged: dict[int, list] = {}  # one-token segments by cache: one kernel call for each cache
@@ -293,18 +345,12 @@ class ModelRunner:
                 outs.append(attn.attend(qs, s.kv.read(li, s.end), **kwargs))
         for cache, block_size, seqs in paged.values():
             blocks, lengths = [b for _, _, b, _ in seqs], [n for _, _, _, n in seqs]
-            if len(seqs) == len(outs):  # every segment (decode): q's rows in order, o whole
-                o = attn.attend_paged(q, cache, blocks, block_size, lengths)
-                break
+            if len(seqs) == len(outs):  # every segment: q's rows in order, o whole
+                return attn.attend_paged(q, cache, blocks, block_size, lengths)
             op = attn.attend_paged(torch.cat([qs for _, qs, _, _ in seqs]), cache, blocks, block_size, lengths)
             for (i, *_), oi in zip(seqs, op.split(1), strict=True):
                 outs[i] = oi
-        else:
-            o = torch.cat(outs)
-        if isinstance(attn, GQAttention) and self._decode_ops(o):  # its fp32 sums: _add_norm rounds them
-            mb.delta = self._linear_f32(o, (attn.o_proj,))
-        else:
-            mb.delta = attn.output(o)
+        return torch.cat(outs)
 
     def _start_ffn(self, li: int, layer: DecoderLayer, mb: _MicroBatch) -> None:
         h = self._add_norm(mb, layer.post_norm)
