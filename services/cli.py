@@ -88,7 +88,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
         ebench.run(args.preset or "qwen3-30b-a3b", args.layers or 4, args.quant, args.model, args.prompt_len or 256,
                    args.steps, args.json, compare=not args.no_compare, threads=args.threads,
-                   device=args.device or "cpu")
+                   device=args.device or "cpu", weights=args.weights)
     return 0
 
 
@@ -221,6 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seed", type=int, default=0, help="serve: seed of the random prompts")
     b.add_argument("--steps", type=int, default=8, help="decode: timed steps per batch size (default: 8)")
     b.add_argument("--no-compare", action="store_true", help="decode: skip the transformers comparison")
+    b.add_argument("--weights", choices=("shm", "file"), default="shm",
+                   help="decode: read the weights from shared memory, as the decode service does (default), or "
+                        "from the checkpoint's files (mapped)")
     b.set_defaults(fn=_cmd_bench)
     return p
 

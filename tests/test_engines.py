@@ -300,6 +300,26 @@ def test_bench_decode_smoke(tiny_models, tmp_path):
         (n, o) for o in (False, True) for n in bench.STREAMS]
     assert all(r["tok_s"] > 0 for r in report["decode"]) and report["prefill_tok_s"] > 0
     assert 0 < report["decode"][0]["fraction_of_bandwidth"]
+    assert report["weights"] == "shm"
+
+
+def test_bench_loads_weights_as_the_services_do(tiny_models):
+    """The decode bench reads the weights from shared memory, as the decode service does: they
+    are published under a namespace of the process while it runs and removed after; ``file``
+    maps the checkpoint instead; the two give the same model."""
+    import os
+
+    from services.engine import bench
+
+    path = tiny_models["tiny-qwen3-moe", "fp8"]
+    mine = lambda: [n for n in os.listdir("/dev/shm") if f"hmbench{os.getpid()}" in n]  # noqa: E731
+    with bench.loaded(path, "shm") as shm_model, bench.loaded(path, "file") as file_model:
+        assert mine()
+        ids = torch.tensor([[3, 5, 7]])
+        assert torch.equal(shm_model(ids), file_model(ids))
+    assert not mine()
+    with pytest.raises(ValueError, match="weights must be one of"), bench.loaded(path, "disk"):
+        pass
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
