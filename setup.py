@@ -17,7 +17,8 @@ extensions = [
                        "cython_kernels/gemv_amx_int4.h", "cython_kernels/gemv_int4_vnni.h",
                        "cython_kernels/moe.h", "cython_kernels/attention.h",
                        "cython_kernels/gemv_f32simd.h", "cython_kernels/gemv_f32simd_variants.h",
-                       "cython_kernels/gemv_f32simd_unmap.h"]),
+                       "cython_kernels/gemv_f32simd_unmap.h", "cython_kernels/decode_ops.h",
+                       "cython_kernels/decode_layer.h", "cython_kernels/cpu_features.h"]),
 ]
 
 setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}))

@@ -239,3 +239,73 @@ def softmax_topk(uintptr_t logits, int64_t N, int E, int k, bint norm, bint bf16
     with nogil:
         hm_softmax_topk(<const float *> logits, N, E, k, norm, bf16, p, <int64_t *> ids, <float *> w)
     free(p)
+
+
+cdef extern from "decode_layer.h" nogil:
+    ctypedef struct hm_gqa_layer:
+        hm_weight qkv[3]
+        hm_weight o
+        hm_weight router
+        const void *norm1
+        const void *norm2
+        float eps1
+        float eps2
+        const void *qn
+        const void *kn
+        float qk_eps
+        int H, K, dh, interleaved, bf16, E, topk, norm_topk, avx512
+        int64_t D
+
+    int hm_decode_gqa_layer(const hm_gqa_layer *L, int variant, int64_t N, const void *x, const void *delta,
+                            int dbf16, void *x_out, void *h, const void *cos, const void *sin, void *cache,
+                            int64_t cache_rows, int64_t cache_ld, const int64_t *rows, hm_attn *attn, int64_t *ids,
+                            float *w, int nthreads)
+
+
+cdef class GQALayer:
+    """A GQA decoder layer's attention block and softmax routing for decode, one call a step (see
+    decode_layer.h). Made from checked weight tuples and pointers (cython_kernels.api.DecodeLayer);
+    it validates nothing."""
+    cdef hm_gqa_layer L
+    cdef float scale
+
+    def __init__(self, tuple qkv, tuple o, tuple router, uintptr_t norm1, uintptr_t norm2, float eps1, float eps2,
+                 uintptr_t qn, uintptr_t kn, float qk_eps, int H, int K, int dh, bint interleaved, bint bf16,
+                 int topk, bint norm_topk, bint avx512, float scale):
+        self.scale = scale
+        for i in range(3):
+            self.L.qkv[i] = _weight(qkv[i])
+        self.L.o, self.L.router = _weight(o), _weight(router)
+        self.L.norm1, self.L.norm2 = <const void *> norm1, <const void *> norm2
+        self.L.eps1, self.L.eps2 = eps1, eps2
+        self.L.qn, self.L.kn, self.L.qk_eps = <const void *> qn, <const void *> kn, qk_eps
+        self.L.H, self.L.K, self.L.dh, self.L.interleaved, self.L.bf16 = H, K, dh, interleaved, bf16
+        self.L.E, self.L.topk, self.L.norm_topk, self.L.avx512 = router[2], topk, norm_topk, avx512
+        self.L.D = router[3]
+
+    def run(self, int variant, int64_t N, uintptr_t x, uintptr_t delta, bint dbf16, uintptr_t x_out, uintptr_t h,
+            uintptr_t cos, uintptr_t sin, uintptr_t cache, int64_t cache_rows, int64_t cache_ld, uintptr_t rows,
+            list blocks, list lengths, int64_t block_size, uintptr_t ids, uintptr_t w, int nthreads):
+        """blocks / lengths: each token's sequence's block-id pointer and its length after the step."""
+        cdef hm_attn *a = <hm_attn *> malloc(sizeof(hm_attn) * N)
+        cdef int rc, i
+        if a == NULL:
+            raise MemoryError("decode layer: out of memory")
+        for i in range(N):
+            a[i].bf16 = self.L.bf16
+            a[i].blocks = <const int64_t *> <uintptr_t> blocks[i]
+            a[i].block_size, a[i].length = block_size, lengths[i]
+            a[i].heads, a[i].kv_heads, a[i].dk, a[i].dv = self.L.H, self.L.K, self.L.dh, self.L.dh
+            a[i].k_off, a[i].k_head = 0, self.L.dh
+            a[i].v_off, a[i].v_head = self.L.K * self.L.dh, self.L.dh
+            a[i].scale = self.scale
+        with nogil:
+            rc = hm_decode_gqa_layer(&self.L, variant, N, <const void *> x, <const void *> delta, dbf16,
+                                     <void *> x_out, <void *> h, <const void *> cos, <const void *> sin,
+                                     <void *> cache, cache_rows, cache_ld, <const int64_t *> rows, a,
+                                     <int64_t *> ids, <float *> w, nthreads)
+        free(a)
+        if rc == -2:
+            raise ValueError(f"decode layer: cache rows and block ids must lie in the cache's {cache_rows} rows")
+        if rc != 0:
+            raise MemoryError("decode layer: out of memory for its scratch buffers")

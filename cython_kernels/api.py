@@ -340,6 +340,114 @@ def softmax_topk(logits: torch.Tensor, k: int, norm: bool, dtype: torch.dtype) -
     return ids, w
 
 
+class PagedTokens:
+    """One new token per sequence of a paged cache, as a decode step's layers all take them
+    (checked once a step): ``blocks`` each sequence's block ids (contiguous CPU int64), ``lengths``
+    its positions after the step (>= 1), ``rows`` (int64 [n]) the cache row of its new entry."""
+
+    def __init__(self, blocks: list[torch.Tensor], lengths: list[int], block_size: int, rows: torch.Tensor) -> None:
+        n = len(lengths)
+        if not 1 <= n <= MAX_TOKENS or len(blocks) != n:
+            raise ValueError(f"PagedTokens: 1 to {MAX_TOKENS} sequences, each with a block table and a length; got "
+                             f"{len(blocks)} tables and {n} lengths")
+        if block_size < 1 or min(lengths) < 1:
+            raise ValueError(f"PagedTokens: block_size and lengths must be >= 1, got {block_size}, {lengths}")
+        for b, length in zip(blocks, lengths, strict=True):
+            nb = -(-length // block_size)
+            if not isinstance(b, torch.Tensor) or b.dim() != 1 or b.dtype != torch.int64 or b.device.type != "cpu" \
+                    or not b.is_contiguous() or b.shape[0] < nb:
+                raise ValueError(f"PagedTokens: blocks must be contiguous CPU int64 vectors of at least {nb} ids "
+                                 f"(length {length}, block_size {block_size})")
+        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or tuple(rows.shape) != (n,) \
+                or rows.device.type != "cpu" or not rows.is_contiguous():
+            raise ValueError(f"PagedTokens: rows must be a contiguous CPU int64 [{n}] tensor")
+        self.blocks, self.lengths, self.block_size, self.rows = blocks, [int(n) for n in lengths], block_size, rows
+        self.block_ptrs = [b.data_ptr() for b in blocks]
+
+
+class DecodeLayer:
+    """A GQA decoder layer's attention block and softmax routing for decode's few tokens, in one
+    call (``decode_layer.h``): the residual add + input RMSNorm, the q/k/v GEMV, the q/k norm and
+    rotary with the new entries written into the paged cache, attention over the cache, the o
+    GEMV, the residual add + post-attention RMSNorm, the router GEMV and its softmax top-k. The
+    same kernels in the same order as the one-op calls (:func:`add_rms_norm`, :func:`gemv_multi`,
+    :func:`qk_norm_rope`, :func:`decode_attention_batch`, :func:`softmax_topk`), so the same results
+    to the bit, without the Python between them. Weights are checked once, here (q, k, v, o and
+    router one format and 64-byte aligned; norms in ``dtype``); the variant is fixed here too."""
+
+    def __init__(self, q: QuantWeight, k: QuantWeight, v: QuantWeight, o: QuantWeight, router: QuantWeight,
+                 norm1: torch.Tensor, eps1: float, norm2: torch.Tensor, eps2: float, *, heads: int, kv_heads: int,
+                 head_dim: int, top_k: int, norm_topk: bool, dtype: torch.dtype, q_norm: torch.Tensor | None = None,
+                 k_norm: torch.Tensor | None = None, qk_eps: float = 0.0, interleaved: bool = False,
+                 variant: str | None = None, threads: int | None = None) -> None:
+        if dtype not in _GLUE_DTYPES:
+            raise ValueError(f"DecodeLayer: dtype must be float32 or bfloat16, got {dtype}")
+        if min(heads, kv_heads) < 1 or heads % kv_heads or head_dim < 2 or head_dim % 2 \
+                or head_dim > QK_MAX_HEAD_DIM:
+            raise ValueError(f"DecodeLayer: {heads} heads over {kv_heads} kv heads of dim {head_dim} (even, at most "
+                             f"{QK_MAX_HEAD_DIM})")
+        self.qkv, self.o, self.router = Gemv([q, k, v], what="DecodeLayer q/k/v"), Gemv([o], what="DecodeLayer o"), \
+            Gemv([router], what="DecodeLayer router")
+        D, HD, KD = self.qkv.cols, heads * head_dim, kv_heads * head_dim
+        if (q.shape[0], k.shape[0], v.shape[0]) != (HD, KD, KD) or tuple(o.shape) != (D, HD) \
+                or router.shape[1] != D or len({q.fmt, o.fmt, router.fmt}) != 1:
+            raise ValueError(f"DecodeLayer: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}, o {list(o.shape)} "
+                             f"and router {list(router.shape)} do not fit {heads} x {kv_heads} heads of {head_dim} "
+                             "over one hidden size in one format")
+        E = router.shape[0]
+        if not 1 <= top_k <= E:
+            raise ValueError(f"DecodeLayer: top_k must lie in [1, {E}], got {top_k}")
+        _check_rows(norm1, "DecodeLayer norm1", (D,), dtype)
+        _check_rows(norm2, "DecodeLayer norm2", (D,), dtype)
+        if (q_norm is None) != (k_norm is None):
+            raise ValueError("DecodeLayer: give both q/k norm weights or neither")
+        if q_norm is not None:
+            _check_rows(q_norm, "DecodeLayer q_norm", (head_dim,), dtype)
+            _check_rows(k_norm, "DecodeLayer k_norm", (head_dim,), dtype)
+        self.code = _variant_code(variant)
+        avx512 = self.code in (_kernels.VARIANT_CODES["avx512_bf16"], _kernels.VARIANT_CODES["avx512f"]) \
+            and head_dim % 16 == 0
+        self.held = (norm1, norm2, q_norm, k_norm)  # what C points at stays alive
+        self.D, self.E, self.top_k, self.dtype, self.threads = D, E, top_k, dtype, threads
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self._layer = _kernels.GQALayer(
+            tuple(self.qkv._wts), self.o._wts[0], self.router._wts[0], norm1.data_ptr(), norm2.data_ptr(),
+            float(eps1), float(eps2), 0 if q_norm is None else q_norm.data_ptr(),
+            0 if k_norm is None else k_norm.data_ptr(), float(qk_eps), heads, kv_heads, head_dim, interleaved,
+            dtype == torch.bfloat16, top_k, bool(norm_topk), avx512, head_dim**-0.5)
+
+    def __call__(self, x: torch.Tensor, delta: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                 cache: torch.Tensor, tokens: PagedTokens) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                     torch.Tensor]:
+        """x [N, D] (the residual stream, ``dtype``), delta None or [N, D] (the last block's output,
+        ``dtype`` or float32 sums), cos / sin [N, head_dim / 2] (``dtype``), the layer's paged
+        ``cache`` [rows, width >= 2 kv_heads head_dim] (``dtype``) and the step's ``tokens`` ->
+        ``(x, h, ids, w)``: the residual stream after attention, its post-attention norm (the
+        experts' input), the chosen experts int64 [N, top_k] and their weights float32."""
+        if not isinstance(tokens, PagedTokens):
+            raise ValueError(f"DecodeLayer: tokens must be PagedTokens, got {type(tokens).__name__}")
+        N, dt = len(tokens.lengths), self.dtype
+        _check_rows(x, "DecodeLayer x", (N, self.D), dt)
+        if delta is not None:
+            _check_rows(delta, "DecodeLayer delta", (N, self.D), None if delta.dtype == torch.float32 else dt)
+        _check_rows(cos, "DecodeLayer cos", (N, self.head_dim // 2), dt)
+        _check_rows(sin, "DecodeLayer sin", (N, self.head_dim // 2), dt)
+        if not isinstance(cache, torch.Tensor) or cache.dim() != 2 \
+                or cache.shape[1] < 2 * self.kv_heads * self.head_dim:
+            raise ValueError(f"DecodeLayer: cache must be a [rows, width >= {2 * self.kv_heads * self.head_dim}] "
+                             "tensor")
+        _check_rows(cache, "DecodeLayer cache", None, dt)
+        x_out, h = torch.empty_like(x), torch.empty_like(x)
+        ids = torch.empty(N, self.top_k, dtype=torch.int64)
+        w = torch.empty(N, self.top_k, dtype=torch.float32)
+        self._layer.run(self.code, N, x.data_ptr(), 0 if delta is None else delta.data_ptr(),
+                        delta is not None and delta.dtype == torch.bfloat16, x_out.data_ptr(), h.data_ptr(),
+                        cos.data_ptr(), sin.data_ptr(), cache.data_ptr(), cache.shape[0], cache.shape[1],
+                        tokens.rows.data_ptr(), tokens.block_ptrs, tokens.lengths, tokens.block_size, ids.data_ptr(),
+                        w.data_ptr(), self.threads or default_threads())
+        return x_out, h, ids, w
+
+
 def dequantize_fp8(w: QuantWeight, *, threads: int | None = None) -> torch.Tensor:
     """An FP8 weight ([out, in] or stacked [E, out, in]) as bfloat16, equal to
     ``shared.quant.dequantize(w, torch.bfloat16)`` and many times faster than torch's conversion

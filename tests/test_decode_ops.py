@@ -232,6 +232,7 @@ def test_engine_paged_step_equals_per_segment_path(tiny_models, preset, dtype, m
         eng = DecodeEngine(m, num_blocks=64, block_size=4, experts="kernel", keep_logits=True)
         if not eng.runner.paged_attention:
             pytest.skip("the kernels' paged attention needs an AVX-512 variant")
+        eng.runner.fused_layers = False  # (the whole-layer call: test_engine_fused_layer_equals_the_op_calls)
         if not fast:
             monkeypatch.setattr(eng.runner, "_paged_step", lambda mb: None)
         direct[0] = 0
@@ -242,6 +243,41 @@ def test_engine_paged_step_equals_per_segment_path(tiny_models, preset, dtype, m
         # the prompts' step (several tokens a segment) takes the per-segment path; then 5 steps
         # of one token each
         assert direct[0] == (5 * layers if fast else 0)
+    for rid, events in results[0].items():
+        other = results[1][rid]
+        assert [e.token for e in events] == [e.token for e in other]
+        assert all(torch.equal(a.logits, b.logits) for a, b in zip(events, other, strict=True))
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-mixtral"])
+@pytest.mark.parametrize("overlap", [False, True])
+def test_engine_fused_layer_equals_the_op_calls(tiny_models, preset, overlap, monkeypatch):
+    """A decode step through api.DecodeLayer (attention, post-attention norm and routing of a GQA
+    layer in one kernel call) gives the logits of the op-by-op calls to the bit, with the
+    dual-batch overlap on and off; it is taken for every layer of every one-token step."""
+    from services.engine.decode import DecodeEngine
+    from shared.model import load_model
+    from shared.sampling import SamplingParams
+
+    calls = [0]
+    original = api.DecodeLayer.__call__
+    monkeypatch.setattr(api.DecodeLayer, "__call__", lambda self, *a: calls.__setitem__(0, calls[0] + 1)
+                        or original(self, *a))
+    results = []
+    for fused in (True, False):
+        m = load_model(tiny_models[preset, "fp8"], dtype=torch.bfloat16)
+        eng = DecodeEngine(m, num_blocks=64, block_size=4, experts="kernel", keep_logits=True, overlap=overlap)
+        if not eng.runner.paged_attention:
+            pytest.skip("the kernels' paged attention needs an AVX-512 variant")
+        assert eng.runner.fused_layers
+        eng.runner.fused_layers = fused
+        calls[0] = 0
+        for i, n in enumerate((5, 13, 2)):
+            eng.add(str(i), list(range(3, 3 + n)), SamplingParams(max_tokens=6, ignore_eos=True))
+        results.append(eng.run_all())
+        eng.close()
+        micro_batches = 2 if overlap else 1
+        assert calls[0] == (5 * len(m.layers) * micro_batches if fused else 0)
     for rid, events in results[0].items():
         other = results[1][rid]
         assert [e.token for e in events] == [e.token for e in other]

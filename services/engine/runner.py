@@ -98,6 +98,7 @@ class _PagedStep:
     blocks: list[torch.Tensor]  # each sequence's block ids
     lengths: list[int]  # each sequence's positions after this step
     rows: torch.Tensor  # int64 [n]: the cache row of each sequence's new entry
+    tokens: api.PagedTokens  # the same, checked once for the kernels' whole-layer call
 
 
 def kernel_linear_max_rows() -> int:
@@ -191,6 +192,9 @@ class ModelRunner:
         self.paged_attention = self.cpu_lm_head and cython_kernels.VARIANT in ("avx512_bf16", "avx512f")
         # the decode step's small ops in one kernel call each (decode_ops.h)
         self.decode_ops = self.cpu_lm_head
+        # a GQA layer with a softmax router, up to its experts, in one kernel call (decode_layer.h)
+        self.fused_layers = self.cpu_lm_head
+        self._layers: dict[int, tuple[DecoderLayer, api.DecodeLayer | None]] = {}  # by id(layer)
         if self.cpu_lm_head:
             align_for_kernels(model)
 
@@ -222,8 +226,9 @@ class ModelRunner:
                 layer_hook(li)
             for mb in mbs:  # mb's attention runs while the other's experts of this or the last layer run
                 self._finish_ffn(mb)
-                self._attention(li, layer, mb, kv_hook)
-                self._start_ffn(li, layer, mb)
+                if not self._fused_layer(li, layer, mb, kv_hook):
+                    self._attention(li, layer, mb, kv_hook)
+                    self._start_ffn(li, layer, mb)
         rows, spans = [], []  # the hidden rows that need logits, read through the LM head once
         for mb in mbs:
             self._finish_ffn(mb)
@@ -288,9 +293,59 @@ class ModelRunner:
             if (self.paged_attention and all(n == 1 for n in mb.sizes)
                     and all(isinstance(s.kv, SequenceKV) and s.kv.cache is segs[0].kv.cache for s in segs)
                     and segs[0].kv.cache.dtype == mb.x.dtype and mb.x.device.type == "cpu"):
-                mb.paged = _PagedStep(segs[0].kv, [s.kv.paged(0)[1] for s in segs], [s.end for s in segs],
-                                      torch.tensor([s.kv.slot(s.start) for s in segs], dtype=torch.int64))
+                blocks, lengths = [s.kv.paged(0)[1] for s in segs], [s.end for s in segs]
+                rows = torch.tensor([s.kv.slot(s.start) for s in segs], dtype=torch.int64)
+                mb.paged = _PagedStep(segs[0].kv, blocks, lengths, rows,
+                                      api.PagedTokens(blocks, lengths, segs[0].kv.cache.block_size, rows))
         return mb.paged or None
+
+    def _fused_layer(self, li: int, layer: DecoderLayer, mb: _MicroBatch, kv_hook: KVHook | None) -> bool:
+        """For a decode step (a _PagedStep of at most max_kernel_rows tokens) through a GQA layer
+        with a softmax-routed MoE: attention, the post-attention norm and the routing in one kernel
+        call (api.DecodeLayer: the same kernels, in the same order, as _attention and _start_ffn's
+        decode path), then the experts started. False (nothing done) where it does not apply."""
+        if not self.fused_layers or kv_hook is not None or mb.x.shape[0] > self.max_kernel_rows:
+            return False
+        step = self._paged_step(mb)
+        bound = self._bound_layer(layer, mb.x.dtype) if step is not None else None
+        if bound is None:
+            return False
+        attn, ffn = layer.attn, layer.ffn
+        tables = mb.tables.get(id(attn.rotary))
+        if tables is None:
+            tables = mb.tables[id(attn.rotary)] = attn.rotary.cos_sin(mb.positions, mb.x.dtype)
+        mb.x, h, ids, weights = bound(mb.x, mb.delta, *tables, step.kv.paged(li)[0], step.tokens)
+        mb.delta = None
+        handle = self.experts.start(li, ffn.experts, h, ids, weights)
+        mb.pending = (handle, ffn.shared(h) if ffn.shared is not None else None)
+        return True
+
+    def _bound_layer(self, layer: DecoderLayer, dtype: torch.dtype) -> api.DecodeLayer | None:
+        """The layer bound for _fused_layer once (None where it does not apply: another attention
+        or router, a rotary in pairs of other than half the head, weights the kernels' GEMV does not
+        take)."""
+        hit = self._layers.get(id(layer))
+        if hit is None:
+            hit = self._layers[id(layer)] = (layer, self._bind_layer(layer, dtype))
+        return hit[1]
+
+    def _bind_layer(self, layer: DecoderLayer, dtype: torch.dtype) -> api.DecodeLayer | None:
+        attn, ffn = layer.attn, layer.ffn
+        if not (type(attn) is GQAttention and isinstance(ffn, MoE) and type(ffn.router) is SoftmaxTopKRouter
+                and 2 * attn.rotary.inv_freq.shape[0] == attn.head_dim <= api.QK_MAX_HEAD_DIM
+                and self.model.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)):
+            return None
+        ws = [KernelLinears._bind((w,)) for w in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
+                                                   ffn.router.weight)]
+        if any(g is None for g in ws):
+            return None
+        norms = {} if attn.q_norm is None else {"q_norm": attn.q_norm.weight, "k_norm": attn.k_norm.weight,
+                                                 "qk_eps": attn.q_norm.eps}
+        return api.DecodeLayer(*(g.weights[0] for g in ws), layer.input_norm.weight, layer.input_norm.eps,
+                               layer.post_norm.weight, layer.post_norm.eps, heads=attn.heads,
+                               kv_heads=attn.kv_heads, head_dim=attn.head_dim, top_k=ffn.router.top_k,
+                               norm_topk=ffn.router.norm_topk_prob, dtype=dtype, interleaved=attn.rotary.interleaved,
+                               **norms)
 
     def _route(self, router: nn.Module, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """router(h); a softmax router's linear, softmax and top-k for decode's few rows in one
