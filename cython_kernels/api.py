@@ -153,6 +153,21 @@ class Gemv:
         return out
 
 
+def _check_block_tables(what: str, blocks: list, lengths: list[int], block_size: int, min_length: int) -> None:
+    """Each sequence's block ids: a contiguous CPU int64 vector covering its length. (Their values
+    are checked by the kernels against the cache's rows before they read: no torch op per
+    sequence in decode's path.)"""
+    if block_size < 1 or min(lengths) < min_length:
+        raise ValueError(f"{what}: block_size must be >= 1 and lengths >= {min_length}, got {block_size}, {lengths}")
+    for b, length in zip(blocks, lengths, strict=True):
+        nb = -(-length // block_size)
+        if not isinstance(b, torch.Tensor) or b.dim() != 1 or b.dtype != torch.int64 or b.device.type != "cpu" \
+                or not b.is_contiguous() or b.shape[0] < nb:
+            got = f"{b.dtype} {list(b.shape)}" if isinstance(b, torch.Tensor) else type(b).__name__
+            raise ValueError(f"{what}: blocks must be a contiguous CPU int64 vector of at least {nb} ids "
+                             f"(length {length}, block_size {block_size}), got {got}")
+
+
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, block_size: int, length: int, *,
                      kv_heads: int, k_off: int, k_head: int, v_off: int, v_head: int, dv: int, scale: float,
                      variant: str | None = None, threads: int | None = None) -> torch.Tensor:
@@ -200,16 +215,7 @@ def decode_attention_batch(q: torch.Tensor, cache: torch.Tensor, blocks: list[to
             or k_off + (kv_heads - 1) * k_head + dk > width or v_off + (kv_heads - 1) * v_head + dv > width:
         raise ValueError(f"decode_attention: keys ({dk} at {k_off} + j * {k_head}) or values ({dv} at {v_off} + "
                          f"j * {v_head}) of {kv_heads} kv heads overrun entries of {width}")
-    if block_size < 1 or min(lengths) < 0:
-        raise ValueError(f"decode_attention: block_size must be >= 1 and length >= 0, got {block_size}, {lengths}")
-    for b, length in zip(blocks, lengths, strict=True):
-        nb = -(-length // block_size)
-        if b.dim() != 1 or b.dtype != torch.int64 or b.device.type != "cpu" or not b.is_contiguous() \
-                or b.shape[0] < nb:
-            raise ValueError(f"decode_attention: blocks must be a contiguous CPU int64 vector of at least {nb} ids "
-                             f"(length {length}, block_size {block_size}), got {b.dtype} {list(b.shape)}")
-    # (the kernel checks the block ids against the cache's rows before it reads: no torch op per
-    # sequence in decode's path)
+    _check_block_tables("decode_attention", blocks, lengths, block_size, 0)
     qf = q.float().contiguous()
     out = torch.empty(n, heads, dv, dtype=torch.float32)
     avx512 = code in (_kernels.VARIANT_CODES["avx512_bf16"], _kernels.VARIANT_CODES["avx512f"]) \
@@ -350,14 +356,7 @@ class PagedTokens:
         if not 1 <= n <= MAX_TOKENS or len(blocks) != n:
             raise ValueError(f"PagedTokens: 1 to {MAX_TOKENS} sequences, each with a block table and a length; got "
                              f"{len(blocks)} tables and {n} lengths")
-        if block_size < 1 or min(lengths) < 1:
-            raise ValueError(f"PagedTokens: block_size and lengths must be >= 1, got {block_size}, {lengths}")
-        for b, length in zip(blocks, lengths, strict=True):
-            nb = -(-length // block_size)
-            if not isinstance(b, torch.Tensor) or b.dim() != 1 or b.dtype != torch.int64 or b.device.type != "cpu" \
-                    or not b.is_contiguous() or b.shape[0] < nb:
-                raise ValueError(f"PagedTokens: blocks must be contiguous CPU int64 vectors of at least {nb} ids "
-                                 f"(length {length}, block_size {block_size})")
+        _check_block_tables("PagedTokens", blocks, lengths, block_size, 1)
         if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or tuple(rows.shape) != (n,) \
                 or rows.device.type != "cpu" or not rows.is_contiguous():
             raise ValueError(f"PagedTokens: rows must be a contiguous CPU int64 [{n}] tensor")

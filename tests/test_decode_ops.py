@@ -282,3 +282,72 @@ def test_engine_fused_layer_equals_the_op_calls(tiny_models, preset, overlap, mo
         other = results[1][rid]
         assert [e.token for e in events] == [e.token for e in other]
         assert all(torch.equal(a.logits, b.logits) for a, b in zip(events, other, strict=True))
+
+
+def _decode_layer(dtype=torch.bfloat16, H=4, K=2, dh=16, D=64, E=8, k=2):
+    from shared.quant import QuantWeight
+
+    g = torch.Generator().manual_seed(5)
+    w = {n: (torch.randn(r, c, generator=g) * c**-0.5).to(torch.bfloat16)
+         for n, (r, c) in {"q": (H * dh, D), "k": (K * dh, D), "v": (K * dh, D), "o": (D, H * dh),
+                           "router": (E, D)}.items()}
+    norms = [(1 + 0.1 * torch.randn(n, generator=g)).to(dtype) for n in (D, D, dh, dh)]
+    layer = api.DecodeLayer(*(QuantWeight("dense", t, None, tuple(t.shape)) for t in w.values()), norms[0], 1e-6,
+                            norms[1], 1e-5, heads=H, kv_heads=K, head_dim=dh, top_k=k, norm_topk=True, dtype=dtype,
+                            q_norm=norms[2], k_norm=norms[3], qk_eps=1e-6)
+    return layer, w, norms
+
+
+def test_decode_layer_equals_the_op_calls_and_rejects_bad_input():
+    """api.DecodeLayer against the one-op API calls it chains, on two sequences of a paged cache:
+    the same residual, norm, routing and cache entries to the bit; bad input raises clearly, and a
+    row or block id outside the cache raises before the cache is touched."""
+    dtype, H, K, dh, D = torch.bfloat16, 4, 2, 16, 64
+    layer, w, (n1, n2, qn, kn) = _decode_layer(dtype)
+    g = torch.Generator().manual_seed(6)
+    cache = torch.randn(8 * 4, 2 * K * dh, generator=g).to(dtype)
+    blocks = [torch.tensor([3, 1]), torch.tensor([5])]
+    lengths, rows = [6, 3], torch.tensor([1 * 4 + 1, 5 * 4 + 2])
+    tokens = api.PagedTokens(blocks, lengths, 4, rows)
+    x = torch.randn(2, D, generator=g).to(dtype)
+    delta = torch.randn(2, D, generator=g)
+    cos, sin = torch.rand(2, dh // 2, generator=g).to(dtype), torch.rand(2, dh // 2, generator=g).to(dtype)
+    ref_cache = cache.clone()
+    x_out, h, ids, wts = layer(x, delta, cos, sin, cache, tokens)
+    s1, h1 = api.add_rms_norm(x, delta, n1, 1e-6)
+    y = api.gemv_multi(h1, [api.QuantWeight("dense", w[n], None, tuple(w[n].shape)) for n in "qkv"])
+    q, _ = api.qk_norm_rope(y, H, K, dh, cos, sin, dtype, q_weight=qn, k_weight=kn, eps=1e-6, kv_out=ref_cache,
+                            kv_rows=rows)
+    o = api.decode_attention_batch(q, ref_cache, blocks, 4, lengths, kv_heads=K, k_off=0, k_head=dh, v_off=K * dh,
+                                   v_head=dh, dv=dh, scale=dh**-0.5)
+    od = api.gemv(o.flatten(1), api.QuantWeight("dense", w["o"], None, tuple(w["o"].shape)))
+    s2, h2 = api.add_rms_norm(s1, od, n2, 1e-5)
+    logits = api.gemv(h2, api.QuantWeight("dense", w["router"], None, tuple(w["router"].shape)))
+    ref_ids, ref_w = api.softmax_topk(logits, 2, True, dtype)
+    assert torch.equal(cache, ref_cache) and torch.equal(x_out, s2) and torch.equal(h, h2)
+    assert torch.equal(ids, ref_ids) and torch.equal(wts, ref_w)
+
+    with pytest.raises(ValueError, match="x: expected a contiguous CPU torch.bfloat16 \\[2, 64\\]"):
+        layer(x.float(), delta, cos, sin, cache, tokens)
+    with pytest.raises(ValueError, match="cos: expected"):
+        layer(x, delta, cos[:1], sin, cache, tokens)
+    with pytest.raises(ValueError, match="cache must be a .rows, width >= 64. tensor"):
+        layer(x, delta, cos, sin, cache[:, :32].contiguous(), tokens)
+    with pytest.raises(ValueError, match="tokens must be PagedTokens"):
+        layer(x, delta, cos, sin, cache, (blocks, lengths))
+    with pytest.raises(ValueError, match="at least 2 ids"):
+        api.PagedTokens([torch.tensor([3]), torch.tensor([5])], lengths, 4, rows)
+    with pytest.raises(ValueError, match="rows must be a contiguous CPU int64 \\[2\\]"):
+        api.PagedTokens(blocks, lengths, 4, rows[:1])
+    before = cache.clone()
+    for bad in (api.PagedTokens(blocks, lengths, 4, torch.tensor([5, 32])),  # a row past the cache
+                api.PagedTokens([torch.tensor([3, 8]), torch.tensor([5])], lengths, 4, rows)):  # a block past it
+        with pytest.raises(ValueError, match="must lie in the cache's 32 rows"):
+            layer(x, delta, cos, sin, cache, bad)
+        assert torch.equal(cache, before)
+    with pytest.raises(ValueError, match="do not fit 4 x 1 heads of 16"):
+        api.DecodeLayer(*(api.QuantWeight("dense", w[n], None, tuple(w[n].shape)) for n in "qvko"),
+                        api.QuantWeight("dense", w["router"], None, (8, 64)), n1, 1e-6, n2, 1e-6, heads=4,
+                        kv_heads=1, head_dim=16, top_k=2, norm_topk=True, dtype=dtype)
+    with pytest.raises(ValueError, match="top_k must lie in \\[1, 8\\]"):
+        _decode_layer(k=9)
