@@ -363,6 +363,10 @@ def test_kernel_linear_matches_torch_and_declines_what_it_cannot_take():
     misaligned = torch.empty(96 * 160 + 8, dtype=torch.bfloat16)[4:4 + 96 * 160].view(96, 160)
     assert misaligned.data_ptr() % 64 and lin.linear(torch.randn(1, 160).bfloat16(), misaligned) is None
     assert lin.linear(torch.randn(1, 160).bfloat16(), (w, torch.randn(8, 96).bfloat16())) is None
+    lin.MAX_BOUND = 3  # weights made per call do not pile up
+    for _ in range(10):
+        assert lin.linear(torch.randn(1, 160).bfloat16(), torch.randn(8, 160).bfloat16()) is not None
+    assert len(lin._bound) <= 3
 
     class Tied(torch.nn.Module):
         def __init__(self, t):

@@ -128,7 +128,10 @@ def align_for_kernels(model: CausalLM) -> int:
 class KernelLinears:
     """The CPU kernels' BF16 GEMV for a few rows (decode), bound once to each tuple of weights it
     meets (:class:`cython_kernels.api.Gemv`: their checks are paid once, not at every call of every
-    step). It holds the weights it has bound: it belongs to one model, whose weights it serves."""
+    step). It holds the weights it has bound: it belongs to one model, whose weights it serves (a
+    few tuples a layer; past MAX_BOUND bindings it starts over)."""
+
+    MAX_BOUND = 16384
 
     def __init__(self, max_rows: int) -> None:
         self.max_rows = max_rows
@@ -143,6 +146,8 @@ class KernelLinears:
         key = tuple(map(id, ws))
         g = self._bound.get(key, False)
         if g is False:
+            if len(self._bound) >= self.MAX_BOUND:  # (weights made per call would otherwise pile up)
+                self._bound.clear()
             g = self._bound[key] = self._bind(ws)
         if g is None or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) \
                 or x.shape[-1] != g.cols:
