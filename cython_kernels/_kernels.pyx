@@ -175,18 +175,15 @@ def read_sum(uintptr_t p, int64_t n, int nthreads):
     return r
 
 
-def decode_attention(uintptr_t cache, bint bf16, int64_t rows, int64_t width, list blocks, int64_t block_size,
-                     list lengths, int heads, int kv_heads, int dk, int dv, int64_t k_off, int64_t k_head,
-                     int64_t v_off, int64_t v_head, float scale, uintptr_t q, uintptr_t out, bint avx512,
-                     int nthreads):
-    """One query token per sequence against its blocks of a paged cache, all sequences in one call
-    (see attention.h): blocks and lengths hold each sequence's block-id pointer and length."""
-    cdef int n = len(lengths), rc, i
-    if n < 1 or n != len(blocks):
-        raise ValueError("decode_attention: one block table and one length per sequence")
+cdef hm_attn *_attn_array(uintptr_t cache, bint bf16, int64_t rows, int64_t width, list blocks, int64_t block_size,
+                          list lengths, int heads, int kv_heads, int dk, int dv, int64_t k_off, int64_t k_head,
+                          int64_t v_off, int64_t v_head, float scale) except NULL:
+    """One hm_attn per sequence (the caller frees it): blocks and lengths hold each one's block-id
+    pointer and length."""
+    cdef int n = len(lengths), i
     cdef hm_attn *a = <hm_attn *> malloc(sizeof(hm_attn) * n)
     if a == NULL:
-        raise MemoryError("decode_attention: out of memory")
+        raise MemoryError("decode attention: out of memory")
     for i in range(n):
         a[i].cache = <const void *> cache
         a[i].bf16, a[i].rows, a[i].width = bf16, rows, width
@@ -194,6 +191,20 @@ def decode_attention(uintptr_t cache, bint bf16, int64_t rows, int64_t width, li
         a[i].block_size, a[i].length, a[i].heads, a[i].kv_heads = block_size, lengths[i], heads, kv_heads
         a[i].dk, a[i].dv, a[i].k_off, a[i].k_head = dk, dv, k_off, k_head
         a[i].v_off, a[i].v_head, a[i].scale = v_off, v_head, scale
+    return a
+
+
+def decode_attention(uintptr_t cache, bint bf16, int64_t rows, int64_t width, list blocks, int64_t block_size,
+                     list lengths, int heads, int kv_heads, int dk, int dv, int64_t k_off, int64_t k_head,
+                     int64_t v_off, int64_t v_head, float scale, uintptr_t q, uintptr_t out, bint avx512,
+                     int nthreads):
+    """One query token per sequence against its blocks of a paged cache, all sequences in one call
+    (see attention.h): blocks and lengths hold each sequence's block-id pointer and length."""
+    cdef int n = len(lengths), rc
+    if n < 1 or n != len(blocks):
+        raise ValueError("decode_attention: one block table and one length per sequence")
+    cdef hm_attn *a = _attn_array(cache, bf16, rows, width, blocks, block_size, lengths, heads, kv_heads, dk, dv,
+                                  k_off, k_head, v_off, v_head, scale)
     with nogil:
         rc = hm_decode_attention(a, n, avx512, <const float *> q, <float *> out, nthreads)
     free(a)
@@ -287,18 +298,9 @@ cdef class GQALayer:
             uintptr_t cos, uintptr_t sin, uintptr_t cache, int64_t cache_rows, int64_t cache_ld, uintptr_t rows,
             list blocks, list lengths, int64_t block_size, uintptr_t ids, uintptr_t w, int nthreads):
         """blocks / lengths: each token's sequence's block-id pointer and its length after the step."""
-        cdef hm_attn *a = <hm_attn *> malloc(sizeof(hm_attn) * N)
-        cdef int rc, i
-        if a == NULL:
-            raise MemoryError("decode layer: out of memory")
-        for i in range(N):
-            a[i].bf16 = self.L.bf16
-            a[i].blocks = <const int64_t *> <uintptr_t> blocks[i]
-            a[i].block_size, a[i].length = block_size, lengths[i]
-            a[i].heads, a[i].kv_heads, a[i].dk, a[i].dv = self.L.H, self.L.K, self.L.dh, self.L.dh
-            a[i].k_off, a[i].k_head = 0, self.L.dh
-            a[i].v_off, a[i].v_head = self.L.K * self.L.dh, self.L.dh
-            a[i].scale = self.scale
+        cdef int rc, dh = self.L.dh
+        cdef hm_attn *a = _attn_array(cache, self.L.bf16, cache_rows, cache_ld, blocks, block_size, lengths, self.L.H,
+                                      self.L.K, dh, dh, 0, dh, self.L.K * dh, dh, self.scale)
         with nogil:
             rc = hm_decode_gqa_layer(&self.L, variant, N, <const void *> x, <const void *> delta, dbf16,
                                      <void *> x_out, <void *> h, <const void *> cos, <const void *> sin,

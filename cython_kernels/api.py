@@ -168,6 +168,12 @@ def _check_block_tables(what: str, blocks: list, lengths: list[int], block_size:
                              f"(length {length}, block_size {block_size}), got {got}")
 
 
+def _attention_vector_path(code: int, dk: int, dv: int) -> bool:
+    """Whether decode attention takes the AVX-512 item (its heads in whole vectors)."""
+    return code in (_kernels.VARIANT_CODES["avx512_bf16"], _kernels.VARIANT_CODES["avx512f"]) \
+        and dk % 16 == 0 and dv % 16 == 0
+
+
 def decode_attention(q: torch.Tensor, cache: torch.Tensor, blocks: torch.Tensor, block_size: int, length: int, *,
                      kv_heads: int, k_off: int, k_head: int, v_off: int, v_head: int, dv: int, scale: float,
                      variant: str | None = None, threads: int | None = None) -> torch.Tensor:
@@ -218,8 +224,7 @@ def decode_attention_batch(q: torch.Tensor, cache: torch.Tensor, blocks: list[to
     _check_block_tables("decode_attention", blocks, lengths, block_size, 0)
     qf = q.float().contiguous()
     out = torch.empty(n, heads, dv, dtype=torch.float32)
-    avx512 = code in (_kernels.VARIANT_CODES["avx512_bf16"], _kernels.VARIANT_CODES["avx512f"]) \
-        and dk % 16 == 0 and dv % 16 == 0
+    avx512 = _attention_vector_path(code, dk, dv)
     _kernels.decode_attention(cache.data_ptr(), cache.dtype == torch.bfloat16, rows, width,
                               [b.data_ptr() for b in blocks], block_size, [int(x) for x in lengths], heads, kv_heads,
                               dk, dv, k_off, k_head, v_off, v_head, scale, qf.data_ptr(), out.data_ptr(), avx512,
@@ -238,6 +243,25 @@ def _check_rows(t: torch.Tensor, what: str, shape: tuple | None = None, dtype: t
         want = f"{dtype or 'float32/bfloat16'} {list(shape) if shape is not None else ''}".strip()
         got = f"{t.dtype} {list(t.shape)} on {t.device}" if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(f"{what}: expected a contiguous CPU {want} tensor, got {got}")
+
+
+def _check_heads(what: str, heads: int, kv_heads: int, head_dim: int) -> None:
+    if min(heads, kv_heads) < 1 or heads % kv_heads or head_dim < 2 or head_dim % 2 or head_dim > QK_MAX_HEAD_DIM:
+        raise ValueError(f"{what}: {heads} heads over {kv_heads} kv heads of dim {head_dim} (even, at most "
+                         f"{QK_MAX_HEAD_DIM})")
+
+
+def _check_cache(what: str, name: str, cache: torch.Tensor, width: int, dtype: torch.dtype) -> None:
+    """A paged cache that new entries of ``width`` elements are written into."""
+    if not isinstance(cache, torch.Tensor) or cache.dim() != 2 or cache.shape[1] < width:
+        raise ValueError(f"{what}: {name} must be a [rows, width >= {width}] tensor")
+    _check_rows(cache, f"{what} {name}", None, dtype)
+
+
+def _check_ids(what: str, t: torch.Tensor, n: int) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype != torch.int64 or tuple(t.shape) != (n,) \
+            or t.device.type != "cpu" or not t.is_contiguous():
+        raise ValueError(f"{what} must be a contiguous CPU int64 [{n}] tensor")
 
 
 def add_rms_norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor,
@@ -288,9 +312,7 @@ def qk_norm_rope(y: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos:
     second result is ``kv_out``. A row outside the cache raises before anything is written."""
     if dtype not in _GLUE_DTYPES:
         raise ValueError(f"qk_norm_rope: dtype must be float32 or bfloat16, got {dtype}")
-    if min(heads, kv_heads) < 1 or heads % kv_heads or head_dim < 2 or head_dim % 2 or head_dim > QK_MAX_HEAD_DIM:
-        raise ValueError(f"qk_norm_rope: {heads} heads over {kv_heads} kv heads of dim {head_dim} (even, at most "
-                         f"{QK_MAX_HEAD_DIM})")
+    _check_heads("qk_norm_rope", heads, kv_heads, head_dim)
     if not isinstance(y, torch.Tensor) or y.dim() != 2:
         raise ValueError("qk_norm_rope: y must be a float32 [tokens, (heads + 2 kv_heads) head_dim] tensor")
     N = y.shape[0]
@@ -309,12 +331,8 @@ def qk_norm_rope(y: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos:
     if kv_out is None:
         kv = torch.empty(N, 2 * kv_heads * head_dim, dtype=dtype)
     else:
-        if not isinstance(kv_out, torch.Tensor) or kv_out.dim() != 2 or kv_out.shape[1] < 2 * kv_heads * head_dim:
-            raise ValueError(f"qk_norm_rope: kv_out must be a [rows, width >= {2 * kv_heads * head_dim}] tensor")
-        _check_rows(kv_out, "qk_norm_rope kv_out", None, dtype)
-        if not isinstance(kv_rows, torch.Tensor) or kv_rows.dtype != torch.int64 or tuple(kv_rows.shape) != (N,) \
-                or kv_rows.device.type != "cpu" or not kv_rows.is_contiguous():
-            raise ValueError(f"qk_norm_rope: kv_rows must be a contiguous CPU int64 [{N}] tensor")
+        _check_cache("qk_norm_rope", "kv_out", kv_out, 2 * kv_heads * head_dim, dtype)
+        _check_ids("qk_norm_rope: kv_rows", kv_rows, N)
         kv, (nrows, ld), rows = kv_out, kv_out.shape, kv_rows.data_ptr()
     if N:
         _kernels.qk_norm_rope(y.data_ptr(), N, heads, kv_heads, head_dim,
@@ -357,9 +375,7 @@ class PagedTokens:
             raise ValueError(f"PagedTokens: 1 to {MAX_TOKENS} sequences, each with a block table and a length; got "
                              f"{len(blocks)} tables and {n} lengths")
         _check_block_tables("PagedTokens", blocks, lengths, block_size, 1)
-        if not isinstance(rows, torch.Tensor) or rows.dtype != torch.int64 or tuple(rows.shape) != (n,) \
-                or rows.device.type != "cpu" or not rows.is_contiguous():
-            raise ValueError(f"PagedTokens: rows must be a contiguous CPU int64 [{n}] tensor")
+        _check_ids("PagedTokens: rows", rows, n)
         self.blocks, self.lengths, self.block_size, self.rows = blocks, [int(n) for n in lengths], block_size, rows
         self.block_ptrs = [b.data_ptr() for b in blocks]
 
@@ -381,10 +397,7 @@ class DecodeLayer:
                  variant: str | None = None, threads: int | None = None) -> None:
         if dtype not in _GLUE_DTYPES:
             raise ValueError(f"DecodeLayer: dtype must be float32 or bfloat16, got {dtype}")
-        if min(heads, kv_heads) < 1 or heads % kv_heads or head_dim < 2 or head_dim % 2 \
-                or head_dim > QK_MAX_HEAD_DIM:
-            raise ValueError(f"DecodeLayer: {heads} heads over {kv_heads} kv heads of dim {head_dim} (even, at most "
-                             f"{QK_MAX_HEAD_DIM})")
+        _check_heads("DecodeLayer", heads, kv_heads, head_dim)
         self.qkv, self.o, self.router = Gemv([q, k, v], what="DecodeLayer q/k/v"), Gemv([o], what="DecodeLayer o"), \
             Gemv([router], what="DecodeLayer router")
         D, HD, KD = self.qkv.cols, heads * head_dim, kv_heads * head_dim
@@ -404,8 +417,7 @@ class DecodeLayer:
             _check_rows(q_norm, "DecodeLayer q_norm", (head_dim,), dtype)
             _check_rows(k_norm, "DecodeLayer k_norm", (head_dim,), dtype)
         self.code = _variant_code(variant)
-        avx512 = self.code in (_kernels.VARIANT_CODES["avx512_bf16"], _kernels.VARIANT_CODES["avx512f"]) \
-            and head_dim % 16 == 0
+        avx512 = _attention_vector_path(self.code, head_dim, head_dim)
         self.held = (norm1, norm2, q_norm, k_norm)  # what C points at stays alive
         self.D, self.E, self.top_k, self.dtype, self.threads = D, E, top_k, dtype, threads
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
@@ -431,11 +443,7 @@ class DecodeLayer:
             _check_rows(delta, "DecodeLayer delta", (N, self.D), None if delta.dtype == torch.float32 else dt)
         _check_rows(cos, "DecodeLayer cos", (N, self.head_dim // 2), dt)
         _check_rows(sin, "DecodeLayer sin", (N, self.head_dim // 2), dt)
-        if not isinstance(cache, torch.Tensor) or cache.dim() != 2 \
-                or cache.shape[1] < 2 * self.kv_heads * self.head_dim:
-            raise ValueError(f"DecodeLayer: cache must be a [rows, width >= {2 * self.kv_heads * self.head_dim}] "
-                             "tensor")
-        _check_rows(cache, "DecodeLayer cache", None, dt)
+        _check_cache("DecodeLayer", "cache", cache, 2 * self.kv_heads * self.head_dim, dt)
         x_out, h = torch.empty_like(x), torch.empty_like(x)
         ids = torch.empty(N, self.top_k, dtype=torch.int64)
         w = torch.empty(N, self.top_k, dtype=torch.float32)

@@ -205,11 +205,17 @@ HM_ATTN_AVX512 static void hm_attn_item_avx512(const hm_attn *a, const float *q,
  * out [n][heads][dv] fp32 = attention of q [n][heads][dk] fp32. One call and one fork for all of
  * them. avx512: the vector item (needs dk and dv multiples of 16), else the portable one.
  * Returns 0, -1 if out of memory, -2 if a block id lies outside the cache's rows. */
+/* Whether every block the n sequences read lies in their cache's rows. */
+static int hm_attn_blocks_ok(const hm_attn *as, int n) {
+    for (int i = 0; i < n; i++)
+        for (int64_t j = 0; j < (as[i].length + as[i].block_size - 1) / as[i].block_size; j++)
+            if (as[i].blocks[j] < 0 || (as[i].blocks[j] + 1) * as[i].block_size > as[i].rows) return 0;
+    return 1;
+}
+
 static int hm_decode_attention(const hm_attn *as, int n, int avx512, const float *q, float *out, int nthreads) {
     const hm_attn *a = as; /* what the sequences share */
-    for (int i = 0; i < n; i++) /* every block a sequence reads lies in the cache */
-        for (int64_t j = 0; j < (as[i].length + a->block_size - 1) / a->block_size; j++)
-            if (as[i].blocks[j] < 0 || (as[i].blocks[j] + 1) * a->block_size > a->rows) return -2;
+    if (!hm_attn_blocks_ok(as, n)) return -2;
     const int H = a->heads;
     const int64_t per = (int64_t)H * (a->dv + 2);
     /* items: ranges of positions, each for every head, so that a thread reads whole entries one

@@ -38,11 +38,8 @@ static int hm_decode_gqa_layer(const hm_gqa_layer *L, int variant, int64_t N, co
                                float *w, int nthreads) {
     const int64_t D = L->D, HD = (int64_t)L->H * L->dh, QKV = HD + 2 * (int64_t)L->K * L->dh;
     const int64_t esz = L->bf16 ? 2 : 4, widest = D > HD ? D : HD;
-    for (int64_t t = 0; t < N; t++) {
-        attn[t].cache = cache, attn[t].rows = cache_rows, attn[t].width = cache_ld;
-        for (int64_t j = 0; j < (attn[t].length + attn[t].block_size - 1) / attn[t].block_size; j++)
-            if (attn[t].blocks[j] < 0 || (attn[t].blocks[j] + 1) * attn[t].block_size > cache_rows) return -2;
-    }
+    for (int64_t t = 0; t < N; t++) attn[t].cache = cache, attn[t].rows = cache_rows, attn[t].width = cache_ld;
+    if (!hm_attn_blocks_ok(attn, (int)N)) return -2; /* (before qk_norm_rope writes the cache) */
     /* scratch, each 64-byte aligned: s1, h1, q (dtype); hf (fp32 activations), y (the q/k/v sums),
      * qf, o (attention's fp32 query and output), od (o's sums), logits, p, the norm's row; xp
      * (the GEMV's prepared activations, at most 4 bytes an element) */

@@ -68,10 +68,17 @@ class PagedKVCache:
         buf = self.layers[layer]
         n, bs = entries.shape[0], self.block_size
         if n and start // bs == (start + n - 1) // bs:  # within one block (decode): a slice, no index tensor
-            row = table[start // bs] * bs + start % bs
+            row = self.slot(table, start)
             buf[row : row + n] = entries.to(buf.device, self.dtype)
             return
         buf[self._slots(table, start, n)] = entries.to(buf.device, self.dtype)
+
+    def slot(self, table: list[int], pos: int) -> int:
+        """The row of every layer's cache that holds position ``pos`` of the sequence with ``table``."""
+        bs = self.block_size
+        if not 0 <= pos < len(table) * bs:
+            raise ValueError(f"position {pos} does not fit {len(table)} blocks of {bs}")
+        return table[pos // bs] * bs + pos % bs
 
     def read(self, layer: int, table: list[int], length: int) -> torch.Tensor:
         """The first ``length`` entries of the sequence with ``table``: [length, width]."""
@@ -99,10 +106,7 @@ class SequenceKV:
 
     def slot(self, pos: int) -> int:
         """The row of every layer's cache (``paged(layer)[0]``) that holds position ``pos``."""
-        bs = self.cache.block_size
-        if not 0 <= pos < len(self.table) * bs:
-            raise ValueError(f"position {pos} does not fit {len(self.table)} blocks of {bs}")
-        return self.table[pos // bs] * bs + pos % bs
+        return self.cache.slot(self.table, pos)
 
     def write(self, layer: int, start: int, entries: torch.Tensor) -> None:
         self.cache.write(layer, self.table, start, entries)

@@ -75,13 +75,11 @@ class KernelExperts:
         home = x.device
         if home.type != "cpu":
             x, ids, weights = x.to("cpu"), ids.to("cpu"), weights.to("cpu")
-        weights = weights.float()
-        parts = []
-        for t0 in range(0, x.shape[0], api.MAX_TOKENS):  # (decode's batches: one part, no slicing)
-            xs, ids_s, w_s = (x, ids, weights) if x.shape[0] <= api.MAX_TOKENS else \
-                (x[t0 : t0 + api.MAX_TOKENS], ids[t0 : t0 + api.MAX_TOKENS], weights[t0 : t0 + api.MAX_TOKENS])
-            parts.append(self.pool.submit(xs, ids_s, w_s, ex) if self.pool is not None else ex(xs, ids_s, w_s))
-        return parts, home
+        weights, T = weights.float(), x.shape[0]
+        chunks = [(x, ids, weights)] if T <= api.MAX_TOKENS else [  # (decode's batches: one, no slicing)
+            (x[t : t + api.MAX_TOKENS], ids[t : t + api.MAX_TOKENS], weights[t : t + api.MAX_TOKENS])
+            for t in range(0, T, api.MAX_TOKENS)]
+        return [self.pool.submit(*c, ex) if self.pool is not None else ex(*c) for c in chunks], home
 
     def finish(self, handle: tuple[list, torch.device]) -> torch.Tensor:
         parts, home = handle

@@ -95,10 +95,7 @@ class _PagedStep:
     attention takes it: made once per step, not per layer."""
 
     kv: SequenceKV  # one of them: its paged(layer) gives that layer's cache
-    blocks: list[torch.Tensor]  # each sequence's block ids
-    lengths: list[int]  # each sequence's positions after this step
-    rows: torch.Tensor  # int64 [n]: the cache row of each sequence's new entry
-    tokens: api.PagedTokens  # the same, checked once for the kernels' whole-layer call
+    tokens: api.PagedTokens  # each sequence's block ids, length after the step and new entry's row
 
 
 def kernel_linear_max_rows() -> int:
@@ -158,11 +155,16 @@ class KernelLinears:
         return g(rows)
 
     @staticmethod
-    def _bind(ws: tuple[torch.Tensor, ...]) -> api.Gemv | None:
-        if any(v.device.type != "cpu" or v.dtype != torch.bfloat16 or v.dim() != 2 or v.data_ptr() % 64
-               or not v.is_contiguous() or v.shape[1] != ws[0].shape[1] for v in ws):
+    def takes(w: torch.Tensor) -> bool:
+        """Whether the kernels' GEMV reads ``w`` in place: an aligned contiguous BF16 CPU matrix."""
+        return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2 and not w.data_ptr() % 64
+                and w.is_contiguous())
+
+    @classmethod
+    def _bind(cls, ws: tuple[torch.Tensor, ...]) -> api.Gemv | None:
+        if not all(cls.takes(v) and v.shape[1] == ws[0].shape[1] for v in ws):
             return None
-        return api.Gemv([QuantWeight("dense", v, None, tuple(v.shape)) for v in ws])
+        return api.Gemv([_dense(v) for v in ws])
 
     def linear(self, x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:
         """x W^T (for a tuple of weights, all in one call, a tuple back) for bf16 x; None declines
@@ -174,6 +176,10 @@ class KernelLinears:
         outs = tuple(part.reshape(*x.shape[:-1], part.shape[1])
                      for part in y.to(x.dtype).split([v.shape[0] for v in ws], dim=1))
         return outs if isinstance(w, tuple) else outs[0]
+
+
+def _dense(w: torch.Tensor) -> QuantWeight:
+    return QuantWeight("dense", w, None, tuple(w.shape))
 
 
 # Up to this many rows (decode batches), the residual add + RMSNorm and GQA's q/k norm + rotary
@@ -266,26 +272,22 @@ class ModelRunner:
 
     def _fused_qk(self, attn: nn.Module, h: torch.Tensor) -> bool:
         """Whether GQA's projection takes one GEMV and one qk_norm_rope call (see _project)."""
-        return (isinstance(attn, GQAttention) and self._decode_ops(h)
-                and 2 * attn.rotary.inv_freq.shape[0] == attn.head_dim <= api.QK_MAX_HEAD_DIM)
+        return isinstance(attn, GQAttention) and self._decode_ops(h) and _qk_kernel_fits(attn)
 
     def _project(self, attn: nn.Module, h: torch.Tensor, mb: _MicroBatch,
                  step: _PagedStep | None = None, cache: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
         """attn.project(h, mb.positions); for GQA and decode's few rows (_fused_qk) the linears in
         one kernel GEMV and the q/k norm + rotary in one kernel call, with the rotary tables made
         once per step. With ``step``, the new entries go straight into the layer's paged ``cache``
-        (at step.rows) and the second result is that cache."""
+        (at its tokens' rows) and the second result is that cache."""
         if not self._fused_qk(attn, h):
             return attn.project(h, mb.positions)
         y = self._linear_f32(h, (attn.q_proj, attn.k_proj, attn.v_proj))
-        tables = mb.tables.get(id(attn.rotary))
-        if tables is None:
-            tables = mb.tables[id(attn.rotary)] = attn.rotary.cos_sin(mb.positions, h.dtype)
-        cos, sin = tables
+        cos, sin = _rotary_tables(mb, attn.rotary, h.dtype)
         norms = {} if attn.q_norm is None else {"q_weight": attn.q_norm.weight, "k_weight": attn.k_norm.weight,
                                                  "eps": attn.q_norm.eps}
         if step is not None:
-            norms |= {"kv_out": cache, "kv_rows": step.rows}
+            norms |= {"kv_out": cache, "kv_rows": step.tokens.rows}
         return api.qk_norm_rope(y, attn.heads, attn.kv_heads, attn.head_dim, cos, sin, h.dtype,
                                 interleaved=attn.rotary.interleaved, **norms)
 
@@ -298,10 +300,9 @@ class ModelRunner:
             if (self.paged_attention and all(n == 1 for n in mb.sizes)
                     and all(isinstance(s.kv, SequenceKV) and s.kv.cache is segs[0].kv.cache for s in segs)
                     and segs[0].kv.cache.dtype == mb.x.dtype and mb.x.device.type == "cpu"):
-                blocks, lengths = [s.kv.paged(0)[1] for s in segs], [s.end for s in segs]
                 rows = torch.tensor([s.kv.slot(s.start) for s in segs], dtype=torch.int64)
-                mb.paged = _PagedStep(segs[0].kv, blocks, lengths, rows,
-                                      api.PagedTokens(blocks, lengths, segs[0].kv.cache.block_size, rows))
+                mb.paged = _PagedStep(segs[0].kv, api.PagedTokens(
+                    [s.kv.paged(0)[1] for s in segs], [s.end for s in segs], segs[0].kv.cache.block_size, rows))
         return mb.paged or None
 
     def _fused_layer(self, li: int, layer: DecoderLayer, mb: _MicroBatch, kv_hook: KVHook | None) -> bool:
@@ -315,14 +316,10 @@ class ModelRunner:
         bound = self._bound_layer(layer, mb.x.dtype) if step is not None else None
         if bound is None:
             return False
-        attn, ffn = layer.attn, layer.ffn
-        tables = mb.tables.get(id(attn.rotary))
-        if tables is None:
-            tables = mb.tables[id(attn.rotary)] = attn.rotary.cos_sin(mb.positions, mb.x.dtype)
+        tables = _rotary_tables(mb, layer.attn.rotary, mb.x.dtype)
         mb.x, h, ids, weights = bound(mb.x, mb.delta, *tables, step.kv.paged(li)[0], step.tokens)
         mb.delta = None
-        handle = self.experts.start(li, ffn.experts, h, ids, weights)
-        mb.pending = (handle, ffn.shared(h) if ffn.shared is not None else None)
+        self._start_experts(li, layer.ffn, mb, h, ids, weights)
         return True
 
     def _bound_layer(self, layer: DecoderLayer, dtype: torch.dtype) -> api.DecodeLayer | None:
@@ -337,16 +334,15 @@ class ModelRunner:
     def _bind_layer(self, layer: DecoderLayer, dtype: torch.dtype) -> api.DecodeLayer | None:
         attn, ffn = layer.attn, layer.ffn
         if not (type(attn) is GQAttention and isinstance(ffn, MoE) and type(ffn.router) is SoftmaxTopKRouter
-                and 2 * attn.rotary.inv_freq.shape[0] == attn.head_dim <= api.QK_MAX_HEAD_DIM
-                and self.model.device.type == "cpu" and dtype in (torch.float32, torch.bfloat16)):
+                and _qk_kernel_fits(attn) and self.model.device.type == "cpu"
+                and dtype in (torch.float32, torch.bfloat16)):
             return None
-        ws = [KernelLinears._bind((w,)) for w in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj,
-                                                   ffn.router.weight)]
-        if any(g is None for g in ws):
+        ws = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, ffn.router.weight)
+        if not all(KernelLinears.takes(w) for w in ws):
             return None
         norms = {} if attn.q_norm is None else {"q_norm": attn.q_norm.weight, "k_norm": attn.k_norm.weight,
                                                  "qk_eps": attn.q_norm.eps}
-        return api.DecodeLayer(*(g.weights[0] for g in ws), layer.input_norm.weight, layer.input_norm.eps,
+        return api.DecodeLayer(*(_dense(w) for w in ws), layer.input_norm.weight, layer.input_norm.eps,
                                layer.post_norm.weight, layer.post_norm.eps, heads=attn.heads,
                                kv_heads=attn.kv_heads, head_dim=attn.head_dim, top_k=ffn.router.top_k,
                                norm_topk=ffn.router.norm_topk_prob, dtype=dtype, interleaved=attn.rotary.interleaved,
@@ -374,9 +370,9 @@ class ModelRunner:
         h = self._add_norm(mb, layer.input_norm)
         step = self._paged_step(mb) if kv_hook is None and self._fused_qk(attn, h) else None
         if step is not None:  # decode: new entries straight into the paged cache, attention read there
-            cache, _, block_size = step.kv.paged(li)
+            cache, t = step.kv.paged(li)[0], step.tokens
             q, _ = self._project(attn, h, mb, step, cache)
-            o = attn.attend_paged(q, cache, step.blocks, block_size, step.lengths)
+            o = attn.attend_paged(q, cache, t.blocks, t.block_size, t.lengths)
         else:
             o = self._attend_segments(li, attn, h, mb, kv_hook)
         if isinstance(attn, GQAttention) and self._decode_ops(o):  # its fp32 sums: _add_norm rounds them
@@ -417,10 +413,12 @@ class ModelRunner:
         if not isinstance(layer.ffn, MoE):
             mb.delta = layer.ffn(h)
             return
-        ids, weights = self._route(layer.ffn.router, h)
-        handle = self.experts.start(li, layer.ffn.experts, h, ids, weights)
-        shared = layer.ffn.shared(h) if layer.ffn.shared is not None else None
-        mb.pending = (handle, shared)
+        self._start_experts(li, layer.ffn, mb, h, *self._route(layer.ffn.router, h))
+
+    def _start_experts(self, li: int, ffn: MoE, mb: _MicroBatch, h: torch.Tensor, ids: torch.Tensor,
+                       weights: torch.Tensor) -> None:
+        handle = self.experts.start(li, ffn.experts, h, ids, weights)
+        mb.pending = (handle, ffn.shared(h) if ffn.shared is not None else None)
 
     def _finish_ffn(self, mb: _MicroBatch) -> None:
         if mb.pending is None:
@@ -429,6 +427,19 @@ class ModelRunner:
         mb.pending = None
         y = self.experts.finish(handle)  # fp32, rounded to x's dtype by _add_norm or here
         mb.delta = y if shared is None else y.to(mb.x.dtype) + shared
+
+
+def _rotary_tables(mb: _MicroBatch, rotary: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin of the micro-batch's positions for ``rotary``, made once per step."""
+    tables = mb.tables.get(id(rotary))
+    if tables is None:
+        tables = mb.tables[id(rotary)] = rotary.cos_sin(mb.positions, dtype)
+    return tables
+
+
+def _qk_kernel_fits(attn: GQAttention) -> bool:
+    """Whether the kernels' q/k norm + rotary takes this attention's heads (halves of the head)."""
+    return 2 * attn.rotary.inv_freq.shape[0] == attn.head_dim <= api.QK_MAX_HEAD_DIM
 
 
 def _balanced_split(sizes: list[int]) -> int:
