@@ -31,6 +31,8 @@ cdef extern from "moe.h" nogil:
     int hm_amx_int8_enabled
     int hm_vnni_available
     int hm_vnni_enabled
+    int hm_fp16_available
+    int hm_fp16_enabled
 
 cdef extern from "attention.h" nogil:
     ctypedef struct hm_attn:
@@ -106,6 +108,20 @@ def set_vnni(bint on):
     """Let INT4 at one or two tokens use VNNI (when available); off, it takes the AMX or AVX-512 path."""
     global hm_vnni_enabled
     hm_vnni_enabled = 1 if (on and hm_vnni_available) else 0
+
+def fp16_available():
+    """Whether the CPU has AVX512-FP16 (FP8's path at one token) and the build knew it."""
+    return bool(hm_fp16_available)
+
+
+def fp16_enabled():
+    return bool(hm_fp16_enabled)
+
+
+def set_fp16(bint on):
+    """Let FP8 at one token use AVX512-FP16 (when available); off, it takes the bf16 path."""
+    global hm_fp16_enabled
+    hm_fp16_enabled = 1 if (on and hm_fp16_available) else 0
 
 VARIANT_CODES = {"generic": 0, "avx512_bf16": 1, "avx512f": 2, "avx2": 3}
 

@@ -283,7 +283,8 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
  * hm_build_xb's layout at one token. */
 static inline int hm_fp8_t1_applies(const hm_weight *w, int T) { return w->fmt == HM_FP8_B128 && T == 1 && w->cols >= 64; }
 
-/* FP8 rows [r0, r1) at one token on the vector units, in the AMX kernel's scaled domain: the fast
+/* FP8 rows [r0, r1) at one token on the vector units where the CPU has no AVX512-FP16 (with it,
+ * hm_rows_fp8_t1_fp16 in gemv_fp8_fp16.h), in the AMX kernel's scaled domain: the fast
  * decode (hm_fp8s_decode64) meets the activations times 2^64 (xs: hm_build_xb's layout at one
  * token, which is xp's order) in VDPBF16PS, whose flush to zero the products then stay clear of.
  * Measured per 64 weights with the data in L1: 9.5-10 cycles, against 10.5-11 for the table
@@ -313,25 +314,29 @@ HM_AVX512 static void hm_rows_fp8_t1(const hm_weight *w, const uint16_t *xp, con
     }
 }
 
+#include "gemv_fp8_fp16.h"
+
 /* Whether the call takes a path that reads the activations in its own layout (AMX, VNNI for INT4
  * at 1-2 tokens, hm_rows_fp8_t1): then xb must hold hm_build_kernel_xb's layout of xp. */
-static inline int hm_xb_applies(const hm_weight *w, int T) {
+static inline int hm_xb_applies(const hm_weight *w, int T) { /* (FP8 at one token with FP16 too) */
     return hm_int4_vnni_applies(w, T) || hm_fp8_t1_applies(w, T) || hm_amx_applies(w, T);
 }
 
 /* Words of the activation buffer that path needs. */
 static inline size_t hm_kernel_xb_words(const hm_weight *w, int T) {
     if (hm_int4_vnni_applies(w, T)) return (size_t)T * hm_vnni_xb_words(w->cols, w->group);
+    if (hm_fp8_fp16_applies(w, T)) return hm_fp16_xs_words(w->cols);
     if (w->fmt != HM_INT4) return (size_t)T * (size_t)(w->cols / 2);
     if (hm_int4_amx8_applies(w, T)) return hm_amx8_xb_words(w->cols, w->group, T);
     /* B tiles, then 136 x the group sums, laid out like C's columns block by block */
     return (size_t)hm_int4_amx_n(w, T) * (size_t)(w->cols / 2) + (size_t)(w->cols / 128) * 4 * (size_t)T;
 }
 
-/* xp (hm_prepare_x_avx512's order) -> xb (hm_kernel_xb_words(w, T) words) in the layout that
- * hm_gemv_rows_avx512's kernel for w and T reads (see hm_xb_applies). */
-static void hm_build_kernel_xb(const hm_weight *w, const uint16_t *xp, int T, uint32_t *xb) {
+/* xp (hm_prepare_x_avx512's order; x: the same T rows in fp32) -> xb (hm_kernel_xb_words(w, T)
+ * words) in the layout that hm_gemv_rows_avx512's kernel for w and T reads (see hm_xb_applies). */
+static void hm_build_kernel_xb(const hm_weight *w, const uint16_t *xp, const float *x, int T, uint32_t *xb) {
     if (hm_int4_vnni_applies(w, T)) hm_build_xb_int4_vnni(xp, T, w->cols, w->group, xb);
+    else if (hm_fp8_fp16_applies(w, T)) hm_build_xs_fp16(x, w->cols, xb);
     else if (w->fmt == HM_INT4 && hm_int4_amx8_applies(w, T)) hm_build_xb_int4_i8(xp, T, w->cols, w->group, xb);
     else if (w->fmt == HM_INT4) hm_build_xb_int4(xp, T, w->cols, w->group, xb);
     else hm_build_xb(xp, T, w->cols, xb, w->fmt == HM_FP8_B128 ? HM_FP8_AMX_XEXP : 0);

@@ -46,6 +46,7 @@ static void hm_init_int4_amx(void);
 static void hm_init_prepare(void);
 static void hm_init_amx8(void);
 static void hm_init_vnni(void);
+static void hm_init_fp16(void);
 static int hm_amx_int8 = 0;         /* AMX-INT8 too (with AMX-BF16 usable) */
 static int hm_amx_int8_enabled = 0; /* ... and INT4 may use it (HYBRIDMOE_AMX_INT8=0, set_amx_int8) */
 
@@ -57,6 +58,7 @@ static void hm_init_avx512(void) {
     hm_init_prepare();
     hm_init_amx8();
     hm_init_vnni();
+    hm_init_fp16();
     for (int em = 0; em < 128; em++) {
         uint16_t h = em == 0x7f ? 0 : hm_f32_to_bf16(hm_e4m3_to_f32((uint8_t)em)); /* 0x7f is NaN */
         hm_fp8_bf16_lo[em] = (uint8_t)(h & 0xff);
@@ -333,6 +335,10 @@ static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, const ui
                                 int64_t ldy, int64_t r0, int64_t r1) {
     if (xb && hm_int4_vnni_applies(w, T)) {
         hm_rows_int4_vnni(w, xb, T, y, ldy, r0, r1);
+        return;
+    }
+    if (xb && hm_fp8_fp16_applies(w, T)) {
+        hm_rows_fp8_t1_fp16(w, xp, xb, y, r0, r1);
         return;
     }
     if (xb && hm_fp8_t1_applies(w, T)) {

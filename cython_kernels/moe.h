@@ -47,17 +47,17 @@ static void hm_prepare_x(int variant, int fmt, const float *x, int T, int64_t in
  * 10 cycles per 64 weight bytes with the data in L1, against 7 aligned). */
 static void *hm_alloc64(size_t n) { return aligned_alloc(64, (n + 63) / 64 * 64); }
 
-/* For the AMX paths, VNNI for INT4 at 1-2 tokens and FP8's one-token kernel: xp's activations in
- * that path's layout, in a new buffer (NULL when none applies, or memory ran out: the AVX-512
- * path then runs). */
-static uint32_t *hm_kernel_xb(int variant, const hm_weight *w, const void *xp, int T) {
+/* For the AMX paths, VNNI for INT4 at 1-2 tokens and FP8's one-token kernels: the activations
+ * (xp prepared, x the same T rows in fp32) in that path's layout, in a new buffer (NULL when none
+ * applies, or memory ran out: the AVX-512 path then runs). */
+static uint32_t *hm_kernel_xb(int variant, const hm_weight *w, const void *xp, const float *x, int T) {
 #if defined(__x86_64__)
     if (variant != HM_AVX512_BF16 || !hm_xb_applies(w, T)) return NULL;
     uint32_t *xb = hm_alloc64(sizeof(uint32_t) * hm_kernel_xb_words(w, T));
-    if (xb) hm_build_kernel_xb(w, (const uint16_t *)xp, T, xb);
+    if (xb) hm_build_kernel_xb(w, (const uint16_t *)xp, x, T, xb);
     return xb;
 #else
-    (void)variant, (void)w, (void)xp, (void)T;
+    (void)variant, (void)w, (void)xp, (void)x, (void)T;
     return NULL;
 #endif
 }
@@ -87,7 +87,7 @@ static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x
         tiles += (ws[i].rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
     }
     hm_prepare_x(variant, ws[0].fmt, x, T, ws[0].cols, xp);
-    uint32_t *xb = hm_kernel_xb(variant, &ws[0], xp, T);
+    uint32_t *xb = hm_kernel_xb(variant, &ws[0], xp, x, T);
     /* guided: each thread takes long runs of consecutive tiles first (its reads stay one linear
      * stream, which the prefetchers keep ahead of), then shorter ones to even out the end */
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
@@ -187,7 +187,9 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
 #pragma omp for schedule(dynamic, 1)
         for (int a = 0; a < (xbg ? na : 0); a++) {
             hm_weight wg = hm_expert(gate, act[a]);
-            xbg[a] = hm_kernel_xb(variant, &wg, (const char *)xg + (size_t)start[a] * D * esz, (int)(start[a + 1] - start[a]));
+            const int te = (int)(start[a + 1] - start[a]); /* (at one token, its fp32 row is x's) */
+            xbg[a] = hm_kernel_xb(variant, &wg, (const char *)xg + (size_t)start[a] * D * esz,
+                                  te == 1 ? x + (size_t)tok[start[a]] * D : NULL, te);
         }
         /* 1: gate and up for every (active expert, block of I rows), then SiLU(gate) * up. */
 #pragma omp for schedule(guided)
@@ -210,7 +212,8 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
 #pragma omp for schedule(dynamic, 1)
         for (int a = 0; a < (xbd ? na : 0); a++) {
             hm_weight wd = hm_expert(down, act[a]);
-            xbd[a] = hm_kernel_xb(variant, &wd, (const char *)hp + (size_t)start[a] * I * esz, (int)(start[a + 1] - start[a]));
+            xbd[a] = hm_kernel_xb(variant, &wd, (const char *)hp + (size_t)start[a] * I * esz, g + (size_t)start[a] * I,
+                                  (int)(start[a + 1] - start[a]));
         }
         /* 3: down for every block of D rows over all active experts; a tile owns its output rows. */
         float *ytmp = ytmp_all + (size_t)omp_get_thread_num() * n * HM_ROWS_PER_TILE;

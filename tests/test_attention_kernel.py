@@ -9,6 +9,7 @@ import torch
 
 import cython_kernels
 from cython_kernels import api
+from logits import assert_paths_agree
 from shared.layers import decode_attention
 
 VARIANTS = cython_kernels.supported_variants()
@@ -98,7 +99,7 @@ def test_decode_attention_bad_input():
 @pytest.mark.parametrize("preset", ["tiny-qwen3-moe", "tiny-mixtral"])
 def test_engine_uses_paged_attention_and_matches_gathered(tiny_models, preset, monkeypatch):
     """The decode engine's one-token steps read attention in place (where the vector kernel runs)
-    and produce the same tokens and logits as the gathered torch path."""
+    and produce the same tokens and logits as the gathered torch path (see assert_paths_agree)."""
     from services.engine.decode import DecodeEngine
     from shared.layers import GQAttention
     from shared.model import load_model
@@ -119,11 +120,7 @@ def test_engine_uses_paged_attention_and_matches_gathered(tiny_models, preset, m
             eng.add(str(i), list(range(3, 3 + n)), SamplingParams(max_tokens=6, ignore_eos=True))
         results.append(eng.run_all())
         assert bool(calls) == paged
-    for rid, events in results[0].items():
-        other = results[1][rid]
-        assert [e.token for e in events] == [e.token for e in other]
-        for a, b in zip(events, other, strict=True):
-            assert torch.allclose(a.logits, b.logits, rtol=1e-5, atol=1e-5)
+    assert_paths_agree(*results)
 
 
 def test_engine_paged_attention_bf16_first_steps(tiny_models):
