@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from logits import assert_paths_agree
 
 import cython_kernels
 from cython_kernels import api
-from logits import assert_paths_agree
 from shared.layers import decode_attention
 
 VARIANTS = cython_kernels.supported_variants()

@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from logits import assert_paths_agree
 
 from cython_kernels import api
-from logits import assert_paths_agree
 from shared.layers import GQAttention, Rotary, SoftmaxTopKRouter, rms_norm
 
 

@@ -449,7 +449,8 @@ def test_fp8_fp16_more_accurate_than_bf16(amx_switch):
         assert errs[0] < 0.5 * errs[1], (shape, errs)
     gate, up, down = _experts("fp8_b128", I=256, D=1024, seed=2)
     x, ids, weights = torch.randn(1, 1024, generator=g), torch.tensor([[1, 4, 6]]), torch.rand(1, 3, generator=g)
-    experts = RoutedExperts(*[QuantWeight("dense", dequantize(q).double(), None, tuple(q.shape)) for q in (gate, up, down)])
+    exact = [QuantWeight("dense", dequantize(q).double(), None, tuple(q.shape)) for q in (gate, up, down)]
+    experts = RoutedExperts(*exact)
     ref = experts(x.double(), ids, weights.double())
     errs = []
     for on in (True, False):
