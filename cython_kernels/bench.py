@@ -4,6 +4,8 @@ Everything is measured in one run: the memory-read bandwidth first (all threads)
 format x shape x token count, reported as GB/s of weights read, the fraction of the measured
 bandwidth, and the speed ratio against torch on the same problem (dequantized BF16 weights, and
 FP32). Enough distinct weight copies are cycled through that no call finds its weights in cache.
+The kernels are called bound to their weights (api.Gemv, api.Experts), as the decode service
+calls them: a call checks only its activations.
 """
 
 from __future__ import annotations
@@ -71,6 +73,13 @@ def memory_bandwidth(threads: int) -> float:
     return max(n / _time(f, 1, 0.5) / 1e9 for f in readers for _ in range(3))
 
 
+def _paths(variant: str) -> dict[str, bool]:
+    """Which of avx512_bf16's paths are on (each switched by an environment variable; see README)."""
+    on = variant == "avx512_bf16"
+    return {"amx": on and _kernels.amx_enabled(), "amx_int8": on and _kernels.amx_int8_enabled(),
+            "vnni": on and _kernels.vnni_enabled(), "fp16": on and _kernels.fp16_enabled()}
+
+
 def bench_gemv(fmt: str, shape: tuple[int, int], bw: float, threads: int, variant: str) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     one = quantize(torch.randn(shape, generator=g).bfloat16() if fmt == "dense" else torch.randn(shape, generator=g),
@@ -79,6 +88,8 @@ def bench_gemv(fmt: str, shape: tuple[int, int], bw: float, threads: int, varian
     copies = max(2, COPY_BYTES // one.nbytes)
     ws = [one] + [QuantWeight(one.fmt, one.data.clone(), None if one.scale is None else one.scale.clone(), one.shape)
                   for _ in range(copies - 1)]
+    # bound once, as the decode service binds its weights: a call checks only its activations
+    bound = [api.Gemv([w], threads=threads, variant=variant) for w in ws]
     b1, f1 = one.dequantize(torch.bfloat16), one.dequantize(torch.float32)
     bf16 = [b1] + [b1.clone() for _ in range(max(2, COPY_BYTES // b1.nbytes) - 1)]
     fp32 = [f1] + [f1.clone() for _ in range(max(2, COPY_BYTES // f1.nbytes) - 1)]
@@ -87,7 +98,7 @@ def bench_gemv(fmt: str, shape: tuple[int, int], bw: float, threads: int, varian
         x = torch.randn(T, shape[1], generator=g)
         xb = x.bfloat16()
         out = torch.empty(T, shape[0])
-        t_k = _time(lambda i, x=x, out=out: api.gemv(x, ws[i], out=out, threads=threads, variant=variant), len(ws))
+        t_k = _time(lambda i, x=x, out=out: bound[i](x, out), len(ws))
         t_b = _time(lambda i, xb=xb: torch.matmul(xb, bf16[i].T), len(bf16))
         t_f = _time(lambda i, x=x: torch.matmul(x, fp32[i].T), len(fp32))
         gbps = one.nbytes / t_k / 1e9
@@ -117,14 +128,14 @@ def bench_moe(fmt: str, E: int | None, I: int, D: int, top_k: int, bw: float, th
     def stack(q: QuantWeight) -> QuantWeight:  # one expert repeated E times: only where the bytes are matters
         return QuantWeight(fmt, rep(q.data), rep(q.scale), (E, *q.shape))
 
-    gate, up, down = stack(one["gate"]), stack(one["up"]), stack(one["down"])
+    layer = api.Experts(stack(one["gate"]), stack(one["up"]), stack(one["down"]), threads=threads, variant=variant)
     rows = []
     for T in TOKENS:
         x = torch.randn(T, D, generator=g)
         routings = [torch.stack([torch.randperm(E, generator=g)[:top_k] for _ in range(T)]) for _ in range(16)]
         weights = torch.rand(T, top_k, generator=g)
         def call(i: int, x=x, r=routings, w=weights) -> None:
-            api.moe_forward(x, r[i], w, gate, up, down, threads=threads, variant=variant)
+            layer(x, r[i], w)
 
         t = _time(call, 16)
         touched = sum(len(r.unique()) for r in routings) / len(routings) * per_expert
@@ -141,7 +152,9 @@ def run(json_path: str | None = None, threads: int | None = None, quick: bool = 
     if variant not in cython_kernels.supported_variants():
         raise ValueError(f"kernel variant {variant!r} is not one this CPU runs: {cython_kernels.supported_variants()}")
     bw = memory_bandwidth(threads)
-    print(f"kernel variant {variant}, {threads} threads; measured memory-read bandwidth {bw:.1f} GB/s")
+    paths = _paths(variant)
+    print(f"kernel variant {variant} ({', '.join(k for k, on in paths.items() if on) or 'no AMX, VNNI or FP16'}), "
+          f"{threads} threads; measured memory-read bandwidth {bw:.1f} GB/s")
     results: list[dict] = []
     shapes = dict(list(SHAPES.items())[:1]) if quick else SHAPES
     for fmt in FORMATS:
@@ -156,7 +169,8 @@ def run(json_path: str | None = None, threads: int | None = None, quick: bool = 
             results.append(r)
             print(f"moe  {fmt:10s} E={r['experts']} top-{r['top_k']} 2048x7168 T={r['tokens']:2d} "
                   f"{r['us']:9.1f} us {r['gbps']:6.1f} GB/s {r['fraction_of_bandwidth']:5.2f} of bw")
-    report = {"variant": variant, "threads": threads, "memory_bandwidth_gbps": bw, "results": results}
+    report = {"variant": variant, "paths": paths, "threads": threads, "memory_bandwidth_gbps": bw,
+              "results": results}
     if json_path:
         with open(json_path, "w") as f:
             json.dump(report, f, indent=2)
