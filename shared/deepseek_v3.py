@@ -190,6 +190,7 @@ class MLAttention(nn.Module):
         self.kv_a_norm = RMSNorm(get("kv_a_layernorm.weight"), 1e-6)
         self.register_buffer("kv_b_proj", get("kv_b_proj"))
         self.register_buffer("o_proj", get("o_proj"))
+        self._absorbed: tuple | None = None  # see absorbed_weights
         self.scale = a.qk_head_dim**-0.5
         if a.rope["rope_type"] != "default" and a.rope.get("mscale_all_dim"):
             self.scale *= yarn_mscale(float(a.rope["factor"]), float(a.rope["mscale_all_dim"])) ** 2
@@ -257,15 +258,35 @@ class MLAttention(nn.Module):
             k = torch.cat((k_nope, k_rope.expand(H, L, -1)), dim=-1)
             return suffix_causal_sdpa(q.transpose(0, 1), k, v, self.scale).transpose(0, 1).flatten(1)
         mask = suffix_causal_mask(q.shape[0], L, q.device)
-        w = self.kv_b_proj.view(H, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
-        w_uk, w_uv = w.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)  # [H, N, C], [H, V, C]
-        q_lat = torch.einsum("thn,hnc->thc", q_nope, w_uk)
+        w_uk, w_uv = self.absorbed_weights()  # [H, N, C], [H, V, C]
+        dt = w_uk.dtype  # (fp32 on the CPU: see absorbed_weights)
+        latent, k_rope, q_rope = latent.to(dt), k_rope.to(dt), q_rope.to(dt)
+        q_lat = torch.bmm(q_nope.transpose(0, 1).to(dt), w_uk).transpose(0, 1)  # [T, H, C]
         scores = (torch.einsum("thc,lc->thl", q_lat, latent) + torch.einsum("thr,lr->thl", q_rope, k_rope)).float()
         scores = scores * self.scale
         if mask is not None:
             scores = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))
-        o_lat = torch.einsum("thl,lc->thc", scores.softmax(dim=-1).to(latent.dtype), latent)
-        return torch.einsum("thc,hvc->thv", o_lat, w_uv).flatten(1)
+        o_lat = torch.einsum("thl,lc->thc", scores.softmax(dim=-1).to(dt), latent)
+        o = torch.bmm(o_lat.transpose(0, 1), w_uv.transpose(1, 2))  # [H, T, V]
+        return o.transpose(0, 1).to(q.dtype).flatten(1)
+
+    def absorbed_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """W_UK [H, N, C] and W_UV [H, V, C] of kv_b_proj for the absorbed form: views of it, or,
+        for a CPU weight narrower than fp32, fp32 copies made once (this layer then holds kv_b_proj
+        twice, 2x its bf16 size in fp32: 67 MB at DeepSeek-V3's shapes), and the absorbed form then
+        computes in fp32. torch's CPU bmm at one token ran 3x slower in bf16 than in fp32 there
+        (both products: 8.8 against 2.8 ms a layer), and the einsums over the strided views copied
+        both each call."""
+        w = self.kv_b_proj
+        key = (w.data_ptr(), w.device, w.dtype)
+        if self._absorbed is None or self._absorbed[0] != key:
+            a = self.a
+            copy = w.device.type == "cpu" and w.dtype != torch.float32
+            heads, width = a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim
+            v = (w.float() if copy else w).view(heads, width, a.kv_lora_rank)
+            w_uk, w_uv = v.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)
+            self._absorbed = (key, *((w_uk.contiguous(), w_uv.contiguous()) if copy else (w_uk, w_uv)))
+        return self._absorbed[1], self._absorbed[2]
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         return linear(o, self.o_proj)
