@@ -348,3 +348,26 @@ def test_decode_layer_equals_the_op_calls_and_rejects_bad_input():
                         kv_heads=1, head_dim=16, top_k=2, norm_topk=True, dtype=dtype)
     with pytest.raises(ValueError, match="top_k must lie in \\[1, 8\\]"):
         _decode_layer(k=9)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mla_absorbed_form_equals_expanded(tiny_models, dtype):
+    """MLA's absorbed decode (attention over the cached latents through W_UK and W_UV) against the
+    expanded form (per-head K and V through kv_b_proj), a few queries at the end of a sequence. In
+    bf16 on the CPU the absorbed form computes in fp32 over W_UK and W_UV copied once (kept while
+    kv_b_proj is the same tensor); in fp32 they are views of kv_b_proj."""
+    from shared.model import load_model
+
+    attn = load_model(tiny_models["tiny-deepseek-v3", "bf16"], dtype=dtype).layers[0].attn
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(9, attn.a.hidden_size, generator=g).to(dtype)
+    q, entries = attn.project(x, torch.arange(9))
+    for t in (1, 3):
+        absorbed = attn.attend(q[-t:], entries, absorbed=True)
+        expanded = attn.attend(q[-t:], entries)
+        assert absorbed.dtype == dtype and absorbed.shape == expanded.shape
+        tol = 1e-5 if dtype == torch.float32 else 2e-2
+        torch.testing.assert_close(absorbed.float(), expanded.float(), rtol=tol, atol=tol)
+    w_uk, w_uv = attn.absorbed_weights()
+    assert w_uk.dtype == torch.float32 and attn.absorbed_weights()[0] is w_uk
+    assert (w_uk.data_ptr() == attn.kv_b_proj.data_ptr()) == (dtype == torch.float32)
