@@ -40,17 +40,12 @@ static int hm_fp16_enabled = 0;   /* ... and FP8 at one token may use it (HYBRID
 #if HM_HAVE_FP16
 #define HM_FP16 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,avx512fp16")))
 #define HM_FP16_XMAX_EXP 13 /* the activations are scaled below 2^13 */
-/* Word permutes taking 64 columns in order to their even columns, and to their odd ones. */
-static uint16_t hm_fp16_even[32] __attribute__((aligned(64)));
-static uint16_t hm_fp16_odd[32] __attribute__((aligned(64)));
-
 static void hm_init_fp16(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 23))) return;
     hm_fp16_available = 1;
     const char *env = getenv("HYBRIDMOE_FP16");
     hm_fp16_enabled = !(env && env[0] == '0');
-    for (int q = 0; q < 32; q++) hm_fp16_even[q] = (uint16_t)(2 * q), hm_fp16_odd[q] = (uint16_t)(2 * q + 1);
 }
 
 static inline int hm_fp8_fp16_applies(const hm_weight *w, int T) { return hm_fp16_enabled && hm_fp8_t1_applies(w, T); }
@@ -85,7 +80,8 @@ HM_FP16 static void hm_build_xs_fp16(const float *x, int64_t cols, uint32_t *xb)
         if (k > 120) k = 120; /* (2^(8 - k) must stay a normal float) */
     }
     const __m512 s = _mm512_set1_ps(ldexpf(1.f, k));
-    const __m512i ie = _mm512_load_si512(hm_fp16_even), io = _mm512_load_si512(hm_fp16_odd);
+    /* (hm_pw_even / hm_pw_odd: a register pair's even words, and its odd ones) */
+    const __m512i ie = _mm512_load_si512(hm_pw_even), io = _mm512_load_si512(hm_pw_odd);
     uint16_t *xs = (uint16_t *)xb;
     for (int64_t c = 0; c < full; c += 64) {
         __m512i a = hm_fp16x32(x + c, s), b = hm_fp16x32(x + c + 32, s);
