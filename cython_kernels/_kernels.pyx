@@ -160,7 +160,7 @@ def moe_forward(int variant, tuple gate, tuple up, tuple down, int64_t E, uintpt
         rc = hm_moe_forward(variant, &g, &u, &d, E, <const float *> x, T, k, <const int64_t *> ids,
                             <const float *> wts, <float *> out, nthreads)
     if rc == -2:
-        raise ValueError(f"moe_forward: expert ids must lie in [0, {E})")
+        raise ValueError(f"moe_forward: expert ids must lie in [0, {E}) (or be -1: no expert)")
     if rc != 0:
         raise MemoryError("moe_forward: out of memory for its scratch buffers")
 

@@ -18,7 +18,8 @@ from cython_kernels import _kernels
 from shared.quant import QuantWeight, fp8_scale_shape, int4_group
 
 ALIGN = 64
-MAX_TOKENS = 64
+MAX_TOKENS = 64  # per GEMV call (the MoE call takes any number)
+MOE_SCRATCH_BYTES = 512 << 20  # the most scratch memory one C MoE call asks for
 _FMT = {"dense": 0, "fp8_b128": 1, "int4_g32": 2, "int4_g128": 2}
 _DATA_DTYPE = {"dense": torch.bfloat16, "fp8_b128": torch.float8_e4m3fn, "int4_g32": torch.uint8,
                "int4_g128": torch.uint8}
@@ -83,8 +84,9 @@ def _check_scale(s: torch.Tensor | None, shape: tuple, dtype: torch.dtype, what:
         raise ValueError(f"{what}: scales must be contiguous CPU memory")
 
 
-def _activations(x: torch.Tensor, cols: int, what: str) -> torch.Tensor:
-    """x [T, cols] (or [cols]) fp32/bf16 -> a contiguous fp32 [T, cols] tensor."""
+def _activations(x: torch.Tensor, cols: int, what: str, max_tokens: int | None = MAX_TOKENS) -> torch.Tensor:
+    """x [T, cols] (or [cols]) fp32/bf16 -> a contiguous fp32 [T, cols] tensor; 1 to ``max_tokens``
+    rows (None: any number)."""
     if x.dim() == 1:
         x = x.unsqueeze(0)
     if x.dim() != 2 or x.shape[1] != cols:
@@ -93,8 +95,8 @@ def _activations(x: torch.Tensor, cols: int, what: str) -> torch.Tensor:
         raise ValueError(f"{what}: activations must be float32 or bfloat16, got {x.dtype}")
     if x.device.type != "cpu":
         raise ValueError(f"{what}: activations must be on the CPU, not {x.device}")
-    if not 1 <= x.shape[0] <= MAX_TOKENS:
-        raise ValueError(f"{what}: 1 to {MAX_TOKENS} tokens per call, got {x.shape[0]}")
+    if x.shape[0] < 1 or (max_tokens is not None and x.shape[0] > max_tokens):
+        raise ValueError(f"{what}: 1 to {max_tokens or 'any number of'} tokens per call, got {x.shape[0]}")
     return x.float().contiguous()
 
 
@@ -472,8 +474,14 @@ def moe_forward(x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, gate:
                 down: QuantWeight, *, variant: str | None = None, threads: int | None = None) -> torch.Tensor:
     """One layer's routed experts: out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]), with
     expert(x) = down(silu(gate x) * up x). x [T, D], ids/weights [T, k]; returns [T, D] float32.
+    An id of -1 is no expert: that pair adds nothing (an expert-parallel rank so passes the pairs
+    that other ranks' experts serve).
 
-    Tiles of (expert, block of rows) are spread over ``threads`` threads; no GIL is held.
+    Any number of tokens (decode's few, a prefill chunk's thousands): each expert's tokens run in
+    groups of up to 64 against its weights while they are in cache, so that a call reads each
+    chosen expert's weights from memory once. Its scratch memory is bounded: tokens beyond what
+    ``MOE_SCRATCH_BYTES`` holds go in further calls. Tiles of (expert, block of rows) are spread
+    over ``threads`` threads; no GIL is held.
     """
     return Experts(gate, up, down, variant=variant, threads=threads)(x, ids, weights)
 
@@ -500,7 +508,7 @@ class Experts:
 
     def check(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> tuple:
         """The call's checked arguments (see :meth:`run`): bad input raises here."""
-        xf = _activations(x, self.D, "moe_forward")
+        xf = _activations(x, self.D, "moe_forward", max_tokens=None)
         T = xf.shape[0]
         if ids.dim() != 2 or ids.shape[0] != T or ids.dtype != torch.int64 or ids.device.type != "cpu":
             raise ValueError(f"moe_forward: expert ids must be CPU int64 [{T}, k], got {ids.dtype} "
@@ -508,16 +516,30 @@ class Experts:
         if weights.shape != ids.shape or weights.dtype != torch.float32 or weights.device.type != "cpu":
             raise ValueError(f"moe_forward: routing weights must be CPU float32 {list(ids.shape)}, got "
                              f"{weights.dtype} {list(weights.shape)}")
-        # (the ids' range is checked by the C call before it reads: no torch reduction in decode's path)
+        # (the ids' range, [-1, E), is checked by the C call before it reads: no torch reduction in
+        # decode's path)
         return _variant_code(self.variant), xf, ids.contiguous(), weights.contiguous()
+
+    def tokens_per_call(self, k: int, code: int) -> int:
+        """How many tokens of top-``k`` routing one C call takes within ``MOE_SCRATCH_BYTES``: its
+        scratch is each token's prepared row and, per (token, expert) pair, the gathered row, the
+        SiLU product in fp32 and prepared (bounded so that a 16K-token prefill chunk of
+        DeepSeek-V3 does not ask for 18 GB at once)."""
+        esz = _kernels.xp_bytes_per_element(code)
+        D, I = self.D, self.weights[0].shape[1]
+        return max(1, MOE_SCRATCH_BYTES // (D * esz + k * (D * esz + I * (4 + esz))))
 
     def run(self, checked: tuple, threads: int | None = None) -> torch.Tensor:
         """The call on :meth:`check`'s result (on ``threads`` when given, else the binding's)."""
         code, xf, ids, weights = checked
         out = torch.empty_like(xf)
-        _kernels.moe_forward(code, self.g, self.u, self.d, self.E, xf.data_ptr(), xf.shape[0], ids.shape[1],
-                             ids.data_ptr(), weights.data_ptr(), out.data_ptr(),
-                             threads or self.threads or default_threads())
+        T, k = ids.shape
+        step = self.tokens_per_call(k, code)
+        threads = threads or self.threads or default_threads()
+        for t in range(0, T, step):  # (row slices of contiguous tensors: pointers into them)
+            n = min(step, T - t)
+            _kernels.moe_forward(code, self.g, self.u, self.d, self.E, xf[t].data_ptr(), n, k, ids[t].data_ptr(),
+                                 weights[t].data_ptr(), out[t].data_ptr(), threads)
         return out
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -138,112 +138,145 @@ static hm_weight hm_expert(const hm_weight *s, int64_t e) {
 
 static inline float hm_silu(float g) { return g / (1.f + expf(-g)); }
 
+/* The most tokens of one expert that a kernel call takes at once: AMX's tile width where the
+ * experts' weights go through AMX (more tokens leave AMX for the vector kernels, which do one
+ * dot product per token: 64 tokens in one call ran 5x slower than in four of 16), else all the
+ * kernels take. Either way the segments of a tile of rows run back to back, the rows in cache. */
+static int hm_segment_tokens(int variant, const hm_weight *gate, const hm_weight *down) {
+#if defined(__x86_64__)
+    if (variant == HM_AVX512_BF16 && (hm_amx_applies(gate, HM_AMX_MAX_T) || hm_amx_applies(down, HM_AMX_MAX_T)))
+        return HM_AMX_MAX_T;
+#else
+    (void)variant, (void)gate, (void)down;
+#endif
+    return HM_MAX_TOKENS;
+}
+
 /* out [T][D] = sum_j wts[t][j] * expert_{ids[t][j]}(x[t]) with expert(x) = down(silu(gate x) * up x).
- * gate/up are stacked [E, I, D], down [E, D, I]. Returns 0, -2 (before any work) if an id lies outside
- * [0, E), or -1 if memory ran out. */
+ * gate/up are stacked [E, I, D], down [E, D, I]. An id of -1 is no expert (its pair is skipped: an
+ * expert-parallel rank passes the pairs of other ranks' experts so). Any number of tokens: an
+ * expert's (token, weight) pairs run in segments (hm_segment_tokens), and a tile of the expert's
+ * rows goes through all its segments while those rows are in cache, so that a prefill chunk reads
+ * each chosen expert's weights from memory once. Scratch memory grows with T * k (the caller
+ * bounds it). Returns 0, -2 (before any work) if an id lies outside [-1, E), or -1 if memory ran out. */
 static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *up, const hm_weight *down,
                           int64_t E, const float *x, int T, int k, const int64_t *ids, const float *wts,
                           float *out, int nthreads) {
     const int64_t D = gate->cols, I = gate->rows;
-    const int esz = hm_xp_elem(variant);
-    int n = T * k;
-    for (int i = 0; i < n; i++) /* checked here, not by two torch reductions in decode's path */
-        if (ids[i] < 0 || ids[i] >= E) return -2;
-    /* Group (token, weight) pairs by expert: the active experts and their tokens. */
-    int64_t *count = calloc((size_t)E + 1, sizeof(int64_t));
-    int *tok = malloc(sizeof(int) * (size_t)n), *act = malloc(sizeof(int) * (size_t)n);
-    float *tw = malloc(sizeof(float) * (size_t)n);
-    int64_t *start = malloc(sizeof(int64_t) * ((size_t)n + 1));
-    float *xw = hm_alloc64((size_t)T * (size_t)D * (size_t)esz);
-    if (!count || !tok || !act || !tw || !start || !xw) goto oom;
-    for (int i = 0; i < n; i++) count[ids[i]]++;
-    int na = 0;
-    int64_t off = 0;
-    int64_t *pos = calloc((size_t)E, sizeof(int64_t));
-    if (!pos) goto oom;
-    for (int64_t e = 0; e < E; e++)
-        if (count[e]) { act[na] = (int)e; start[na++] = off; pos[e] = off; off += count[e]; }
-    start[na] = off;
-    for (int i = 0; i < n; i++) { int64_t p = pos[ids[i]]++; tok[p] = i / k; tw[p] = wts[i]; }
-    free(pos);
-
-    /* Activations prepared once for all tokens, then gathered per expert (rows stay prepared). */
-    void *xg = hm_alloc64((size_t)n * (size_t)D * (size_t)esz);
-    float *h = hm_alloc64(sizeof(float) * (size_t)n * (size_t)I * 2);
-    void *hp = hm_alloc64((size_t)n * (size_t)I * (size_t)esz);
-    float *ytmp_all = malloc(sizeof(float) * (size_t)nthreads * (size_t)n * HM_ROWS_PER_TILE);
-    if (!xg || !h || !hp || !ytmp_all) { free(xg); free(h); free(hp); free(ytmp_all); goto oom; }
-    hm_prepare_x(variant, gate->fmt, x, T, D, xw);
-    for (int p = 0; p < n; p++) memcpy((char *)xg + (size_t)p * D * esz, (char *)xw + (size_t)tok[p] * D * esz, (size_t)D * esz);
+    const size_t esz = (size_t)hm_xp_elem(variant);
+    const int64_t pairs = (int64_t)T * k;
+    for (int64_t i = 0; i < pairs; i++) /* checked here, not by two torch reductions in decode's path */
+        if (ids[i] < -1 || ids[i] >= E) return -2;
     memset(out, 0, sizeof(float) * (size_t)T * (size_t)D);
+    /* Group (token, weight) pairs by expert: the active experts, their pairs, and the pairs cut
+     * into segments of at most sl (seg[s] .. seg[s + 1]; expert a owns segments aseg[a] ..
+     * aseg[a + 1]). */
+    const int64_t sl = hm_segment_tokens(variant, gate, down);
+    int64_t *count = calloc((size_t)E + 1, sizeof(int64_t)), *pos = calloc((size_t)E + 1, sizeof(int64_t));
+    int64_t n = 0, na = 0, ns = 0;
+    if (!count || !pos) { free(count); free(pos); return -1; }
+    for (int64_t i = 0; i < pairs; i++)
+        if (ids[i] >= 0) count[ids[i]]++;
+    for (int64_t e = 0; e < E; e++)
+        if (count[e]) { na++; ns += (count[e] + sl - 1) / sl; n += count[e]; }
+    if (!n) { free(count); free(pos); return 0; }
+    int *tok = malloc(sizeof(int) * (size_t)n), *act = malloc(sizeof(int) * (size_t)na);
+    float *tw = malloc(sizeof(float) * (size_t)n);
+    int64_t *seg = malloc(sizeof(int64_t) * (size_t)(ns + 1)), *aseg = malloc(sizeof(int64_t) * (size_t)(na + 1));
+    void *xw = hm_alloc64((size_t)T * (size_t)D * esz), *xg = hm_alloc64((size_t)n * (size_t)D * esz);
+    float *g = hm_alloc64(sizeof(float) * (size_t)n * (size_t)I); /* g[p][I]: SiLU(gate) * up of pair p */
+    void *hp = hm_alloc64((size_t)n * (size_t)I * esz);
+    /* per thread: a tile's up (or down) outputs, [HM_MAX_TOKENS][HM_ROWS_PER_TILE] */
+    float *ytmp_all = malloc(sizeof(float) * (size_t)nthreads * HM_MAX_TOKENS * HM_ROWS_PER_TILE);
+    uint32_t **xbg = calloc((size_t)ns + 1, sizeof(uint32_t *)), **xbd = calloc((size_t)ns + 1, sizeof(uint32_t *));
+    int rc = -1;
+    if (!tok || !act || !tw || !seg || !aseg || !xw || !xg || !g || !hp || !ytmp_all || !xbg || !xbd) goto done;
+    {
+        int64_t off = 0, a = 0, s = 0;
+        for (int64_t e = 0; e < E; e++) {
+            if (!count[e]) continue;
+            act[a] = (int)e;
+            aseg[a++] = s;
+            pos[e] = off;
+            for (int64_t c = 0; c < count[e]; c += sl) seg[s++] = off + c;
+            off += count[e];
+        }
+        aseg[na] = ns, seg[ns] = n;
+    }
+    for (int64_t i = 0; i < pairs; i++)
+        if (ids[i] >= 0) { int64_t p = pos[ids[i]]++; tok[p] = (int)(i / k); tw[p] = wts[i]; }
+
+    /* Activations prepared once for all tokens, then gathered per pair (rows stay prepared). */
+    hm_prepare_x(variant, gate->fmt, x, T, D, xw);
+    for (int64_t p = 0; p < n; p++) memcpy((char *)xg + (size_t)p * D * esz, (char *)xw + (size_t)tok[p] * D * esz, (size_t)D * esz);
 
     const int64_t it = (I + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
     const int64_t dt = (D + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
-    float *g = h, *u = h + (size_t)n * I; /* g[p][I], u[p][I] for pair p */
-    uint32_t **xbg = calloc((size_t)na + 1, sizeof(uint32_t *)), **xbd = calloc((size_t)na + 1, sizeof(uint32_t *));
 #pragma omp parallel num_threads(nthreads)
     {
-        /* 0: for the AMX and VNNI paths, each active expert's activations in their layout (NULL: not used). */
+        float *ytmp = ytmp_all + (size_t)omp_get_thread_num() * HM_MAX_TOKENS * HM_ROWS_PER_TILE;
+        /* 0: for the AMX and VNNI paths, each segment's activations in their layout (NULL: not used;
+         * the layout depends on the weights' format and shape, not on which expert). */
 #pragma omp for schedule(dynamic, 1)
-        for (int a = 0; a < (xbg ? na : 0); a++) {
-            hm_weight wg = hm_expert(gate, act[a]);
-            const int te = (int)(start[a + 1] - start[a]); /* (at one token, its fp32 row is x's) */
-            xbg[a] = hm_kernel_xb(variant, &wg, (const char *)xg + (size_t)start[a] * D * esz,
-                                  te == 1 ? x + (size_t)tok[start[a]] * D : NULL, te);
+        for (int64_t s = 0; s < ns; s++) {
+            const int64_t p0 = seg[s];
+            const int te = (int)(seg[s + 1] - p0); /* (at one token, its fp32 row is x's) */
+            xbg[s] = hm_kernel_xb(variant, gate, (const char *)xg + (size_t)p0 * D * esz,
+                                  te == 1 ? x + (size_t)tok[p0] * D : NULL, te);
         }
-        /* 1: gate and up for every (active expert, block of I rows), then SiLU(gate) * up. */
+        /* 1: gate and up for every (active expert, block of I rows) over the expert's segments,
+         * then SiLU(gate) * up. */
 #pragma omp for schedule(guided)
-        for (int64_t tile = 0; tile < (int64_t)na * it; tile++) {
-            int a = (int)(tile / it);
-            int64_t r0 = (tile % it) * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < I ? r0 + HM_ROWS_PER_TILE : I;
-            hm_weight wg = hm_expert(gate, act[a]), wu = hm_expert(up, act[a]);
-            int64_t p0 = start[a];
-            int te = (int)(start[a + 1] - p0);
-            const void *xa = (const char *)xg + (size_t)p0 * D * esz;
-            const uint32_t *xb = xbg ? xbg[a] : NULL;
-            hm_gemv_rows(variant, &wg, xa, xb, te, g + p0 * I, I, r0, r1);
-            hm_gemv_rows(variant, &wu, xa, xb, te, u + p0 * I, I, r0, r1);
-            for (int t = 0; t < te; t++)
-                for (int64_t r = r0; r < r1; r++) g[(p0 + t) * I + r] = hm_silu(g[(p0 + t) * I + r]) * u[(p0 + t) * I + r];
+        for (int64_t tile = 0; tile < na * it; tile++) {
+            const int64_t a = tile / it;
+            const int64_t r0 = (tile % it) * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < I ? r0 + HM_ROWS_PER_TILE : I;
+            const hm_weight wg = hm_expert(gate, act[a]), wu = hm_expert(up, act[a]);
+            for (int64_t s = aseg[a]; s < aseg[a + 1]; s++) {
+                const int64_t p0 = seg[s];
+                const int te = (int)(seg[s + 1] - p0);
+                const void *xa = (const char *)xg + (size_t)p0 * D * esz;
+                hm_gemv_rows(variant, &wg, xa, xbg[s], te, g + p0 * I, I, r0, r1);
+                hm_gemv_rows(variant, &wu, xa, xbg[s], te, ytmp - r0, HM_ROWS_PER_TILE, r0, r1);
+                for (int t = 0; t < te; t++)
+                    for (int64_t r = r0; r < r1; r++)
+                        g[(p0 + t) * I + r] = hm_silu(g[(p0 + t) * I + r]) * ytmp[t * HM_ROWS_PER_TILE + (r - r0)];
+            }
         }
         /* 2: the down projection's inputs, prepared per pair. */
 #pragma omp for schedule(static)
-        for (int p = 0; p < n; p++) hm_prepare_x(variant, down->fmt, g + (size_t)p * I, 1, I, (char *)hp + (size_t)p * I * esz);
+        for (int64_t p = 0; p < n; p++) hm_prepare_x(variant, down->fmt, g + (size_t)p * I, 1, I, (char *)hp + (size_t)p * I * esz);
 #pragma omp for schedule(dynamic, 1)
-        for (int a = 0; a < (xbd ? na : 0); a++) {
-            hm_weight wd = hm_expert(down, act[a]);
-            xbd[a] = hm_kernel_xb(variant, &wd, (const char *)hp + (size_t)start[a] * I * esz, g + (size_t)start[a] * I,
-                                  (int)(start[a + 1] - start[a]));
+        for (int64_t s = 0; s < ns; s++) {
+            xbd[s] = hm_kernel_xb(variant, down, (const char *)hp + (size_t)seg[s] * I * esz, g + (size_t)seg[s] * I,
+                                  (int)(seg[s + 1] - seg[s]));
         }
-        /* 3: down for every block of D rows over all active experts; a tile owns its output rows. */
-        float *ytmp = ytmp_all + (size_t)omp_get_thread_num() * n * HM_ROWS_PER_TILE;
+        /* 3: down for every block of D rows over all segments; a tile owns its output rows. */
 #pragma omp for schedule(guided)
         for (int64_t tile = 0; tile < dt; tile++) {
-            int64_t r0 = tile * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < D ? r0 + HM_ROWS_PER_TILE : D;
-            for (int a = 0; a < na; a++) {
-                hm_weight wd = hm_expert(down, act[a]);
-                int64_t p0 = start[a];
-                int te = (int)(start[a + 1] - p0);
-                /* rows r0..r1 land at ytmp[t * HM_ROWS_PER_TILE + (r - r0)] */
-                hm_gemv_rows(variant, &wd, (const char *)hp + (size_t)p0 * I * esz, xbd ? xbd[a] : NULL, te, ytmp - r0,
-                             HM_ROWS_PER_TILE, r0, r1);
-                for (int t = 0; t < te; t++)
-                    for (int64_t r = r0; r < r1; r++)
-                        out[(int64_t)tok[p0 + t] * D + r] += tw[p0 + t] * ytmp[t * HM_ROWS_PER_TILE + (r - r0)];
+            const int64_t r0 = tile * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < D ? r0 + HM_ROWS_PER_TILE : D;
+            for (int64_t a = 0; a < na; a++) {
+                const hm_weight wd = hm_expert(down, act[a]);
+                for (int64_t s = aseg[a]; s < aseg[a + 1]; s++) {
+                    const int64_t p0 = seg[s];
+                    const int te = (int)(seg[s + 1] - p0);
+                    /* rows r0..r1 land at ytmp[t * HM_ROWS_PER_TILE + (r - r0)] */
+                    hm_gemv_rows(variant, &wd, (const char *)hp + (size_t)p0 * I * esz, xbd[s], te, ytmp - r0,
+                                 HM_ROWS_PER_TILE, r0, r1);
+                    for (int t = 0; t < te; t++)
+                        for (int64_t r = r0; r < r1; r++)
+                            out[(int64_t)tok[p0 + t] * D + r] += tw[p0 + t] * ytmp[t * HM_ROWS_PER_TILE + (r - r0)];
+                }
             }
         }
     }
-    for (int a = 0; a < na; a++) {
-        if (xbg) free(xbg[a]);
-        if (xbd) free(xbd[a]);
-    }
+    rc = 0;
+done:
+    if (xbg && xbd)
+        for (int64_t s = 0; s < ns; s++) { free(xbg[s]); free(xbd[s]); }
     free(xbg); free(xbd);
-    free(xg); free(h); free(hp); free(ytmp_all);
-    free(count); free(tok); free(act); free(tw); free(start); free(xw);
-    return 0;
-oom:
-    free(count); free(tok); free(act); free(tw); free(start); free(xw);
-    return -1;
+    free(xw); free(xg); free(g); free(hp); free(ytmp_all);
+    free(count); free(pos); free(tok); free(act); free(tw); free(seg); free(aseg);
+    return rc;
 }
 
 /* Sum of n bytes' 64-bit words (n a multiple of 8), read by nthreads threads in contiguous halves,

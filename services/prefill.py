@@ -78,7 +78,8 @@ class PrefillService:
         on_gpu = device.startswith("cuda")
         if on_gpu:
             self.weights.pin_for_cuda()  # experts stream from the shared pages themselves, by DMA
-        self.engine = PrefillEngine(model, device, chunk_size=p.chunk_size, host_pinned=on_gpu)
+        self.engine = PrefillEngine(model, device, chunk_size=p.chunk_size, host_pinned=on_gpu,
+                                     experts=p.experts, threads=p.threads or None)
         self.log.info("attached", seconds=round(time.perf_counter() - t0, 2), device=device)
 
     def _init_io(self) -> None:

@@ -78,9 +78,11 @@ class PrefillConfig:
     chunk_size: int = 16384  # DeepSeek-V3 on an H100: 4.5x the tok/s of 4K chunks (README, "On a GPU")
     threads: int = 0  # CPU threads when it runs on the CPU (0: all)
     nice: int = 10  # on the CPU, run below decode's priority (0: the same)
+    experts: str = "auto"  # on the CPU: "kernel", "torch" or "auto" (the kernels for a bf16 model)
 
     def __post_init__(self) -> None:
         _require(0 <= self.nice <= 19, "prefill.nice", "must lie in [0, 19]")
+        _require(self.experts in ("auto", "kernel", "torch"), "prefill.experts", "auto, kernel or torch")
         _require(self.device == "auto" or self.device == "cpu" or self.device.startswith("cuda"),
                  "prefill.device", f"{self.device!r} is not auto, cpu or cuda[:N]")
         _require(self.chunk_size >= 1, "prefill.chunk_size", "must be >= 1")

@@ -171,27 +171,33 @@ def suffix_causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
     """scaled_dot_product_attention of q [H, T, Dq] (the last T of L positions) over k [H or K, L,
     Dq] and v [H or K, L, Dv], each query seeing every earlier position and itself.
 
-    On a GPU through torch's lower-right causal bias, so that the fused kernels run without a
-    [T, L] mask or score matrix (a 4K-token chunk's scores at DeepSeek-V3's 128 heads are 4 GiB,
-    a 16K one's 64), with grouped K/V repeated to the query heads for them; elsewhere with the
-    explicit mask."""
+    torch's fused kernels (flash attention, on a GPU and on the CPU) take only 4-D [batch, heads,
+    length, dim] with one width for q, k and v; anything else falls back to the math path, which
+    builds the [H, T, L] scores and, on the CPU, ran 7-15x slower at prefill shapes (bf16, 1024
+    tokens: 301 against 20 ms a layer at Qwen3-30B-A3B's heads). So the call is 4-D, and MLA's
+    narrower v is padded with zeros, which come out as zero columns and are cut off. On a GPU
+    the causal mask is torch's lower-right bias (no [T, L] mask: a 4K-token chunk's scores at
+    DeepSeek-V3's 128 heads are 4 GiB), with grouped K/V repeated to the query heads for it; on
+    the CPU, whose flash kernel takes a mask and grouped K/V, the explicit mask (none when the
+    chunk is the whole sequence: ``is_causal``)."""
     T, L = q.shape[-2], k.shape[-2]
+    dv = v.shape[-1]
+    if dv < q.shape[-1]:
+        v = F.pad(v, (0, q.shape[-1] - dv))
     if q.device.type == "cuda" and T > 1:
         from torch.nn.attention.bias import causal_lower_right
 
         if k.shape[0] != q.shape[0]:
             k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
-        # Lower-right causal runs fused only in flash attention, which takes 4-D [batch, heads,
-        # length, dim] (3-D falls back to the math path) and one width for q, k and v: MLA's
-        # narrower v is padded with zeros, which come out as zero columns and are cut off.
-        dv = v.shape[-1]
-        if dv < q.shape[-1]:
-            v = F.pad(v, (0, q.shape[-1] - dv))
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=causal_lower_right(T, L),
                                              scale=scale)
-        return out[0, ..., :dv]
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=suffix_causal_mask(T, L, q.device), scale=scale,
-                                          enable_gqa=k.shape[0] != q.shape[0])
+    elif T == L:
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
+                                             enable_gqa=k.shape[0] != q.shape[0])
+    else:
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=suffix_causal_mask(T, L, q.device),
+                                             scale=scale, enable_gqa=k.shape[0] != q.shape[0])
+    return out[0, ..., :dv]
 
 
 DECODE_ATTENTION_MAX_T = 16

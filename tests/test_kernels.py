@@ -103,8 +103,10 @@ def _experts(fmt, E=8, I=96, D=256, seed=0):
 
 @pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("fmt", ["dense", "fp8_b128", "int4_g32"])
-@pytest.mark.parametrize("tokens", [1, 4, 17])
+@pytest.mark.parametrize("tokens", [1, 4, 17, 150])
 def test_moe_forward_matches_reference(variant, fmt, tokens):
+    """Decode's token counts and a prefill chunk's (150 tokens: each chosen expert has about 75,
+    run in two segments, 64 and the rest)."""
     I = 96 if fmt != "int4_g32" else 128  # INT4 needs I (the down projection's input) in groups
     gate, up, down = _experts(fmt, I=I, seed=tokens)
     g = torch.Generator().manual_seed(100 + tokens)
@@ -316,6 +318,28 @@ def test_moe_forward_amx_matches_reference(amx_switch, tokens, fmt):
     assert (out - ref).abs().max() / ref.abs().max() < 1e-2
 
 
+def test_moe_no_expert_ids_and_split_calls(monkeypatch):
+    """An id of -1 adds nothing (the reference without that pair), a call whose ids are all -1
+    returns zeros, and a call beyond the scratch budget runs as several C calls with the same
+    result as the reference (bf16 activations: 1e-2 of the largest output)."""
+    gate, up, down = _experts("fp8_b128", seed=9)
+    g = torch.Generator().manual_seed(9)
+    T = 90
+    x = torch.randn(T, 256, generator=g)
+    ids = torch.stack([torch.randperm(8, generator=g)[:3] for _ in range(T)])
+    weights = torch.rand(T, 3, generator=g)
+    drop = torch.rand(T, 3, generator=g) < 0.4
+    ref = RoutedExperts(gate, up, down)(x.bfloat16().float(), ids, weights * ~drop)
+    for scratch in (api.MOE_SCRATCH_BYTES, 200_000):  # the second: about 20 tokens a C call
+        monkeypatch.setattr(api, "MOE_SCRATCH_BYTES", scratch)
+        bound = api.Experts(gate, up, down, threads=2)
+        assert (bound.tokens_per_call(3, _kernels.VARIANT_CODES[cython_kernels.VARIANT]) < T) == (scratch < 10**6)
+        out = bound(x, ids.masked_fill(drop, -1), weights)
+        assert (out - ref).abs().max() / ref.abs().max() < 1e-2
+    none = api.moe_forward(x[:3], torch.full((3, 3), -1), weights[:3], gate, up, down, threads=2)
+    assert torch.equal(none, torch.zeros(3, 256))
+
+
 def test_moe_submit_sync_overlaps_caller_work():
     gate, up, down = _experts("fp8_b128")
     x, ids, w = torch.randn(4, 256), torch.randint(0, 8, (4, 2)), torch.rand(4, 2)
@@ -335,7 +359,7 @@ def test_moe_bad_expert_ids_raise_before_any_work():
     raises, a submitted one raises at sync, and the pool goes on working."""
     gate, up, down = _experts("fp8_b128")
     x, w = torch.randn(2, 256), torch.rand(2, 2)
-    for bad in ([[0, 1], [-1, 2]], [[0, 1], [8, 2]]):
+    for bad in ([[0, 1], [-2, 2]], [[0, 1], [8, 2]]):
         with pytest.raises(ValueError, match=r"expert ids must lie in \[0, 8\)"):
             api.moe_forward(x, torch.tensor(bad), w, gate, up, down, threads=2)
     pool = api.MoEPool(threads=2)

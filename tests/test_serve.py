@@ -13,6 +13,7 @@ import pytest
 import torch
 from serving import Reference, Server
 
+from services.engine.prefill import PrefillEngine
 from shared.model import load_model
 from shared.tokenizer import Tokenizer
 
@@ -126,8 +127,11 @@ def test_prompt_scoring_equals_forward(client, model_path, tokenizer):
     r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=0, echo=True, logprobs=2)
     lp = r.choices[0].logprobs
     assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(prompt)
-    with torch.inference_mode():
-        ref = load_model(model_path)(torch.tensor([prompt]))[0].float().log_softmax(-1)
+    # against the engine as the service runs it (its chunks, its experts' path and threads): that
+    # engine equals the full forward in test_engines, this checks the scoring's positions and values
+    eng = PrefillEngine(load_model(model_path), chunk_size=16, threads=1)
+    assert eng.experts == "kernel"
+    ref = eng.prefill(prompt, all_logits=True).logits.float().log_softmax(-1)
     want = [float(ref[i, prompt[i + 1]]) for i in range(len(prompt) - 1)]
     assert lp.token_logprobs[1:] == pytest.approx(want, abs=2e-3)
     top = ref[:-1].topk(2, dim=-1).values
