@@ -49,7 +49,7 @@ def place_except_experts(model: CausalLM, device: str | torch.device) -> CausalL
 
 
 class KernelExperts:
-    """Routed experts through ``cython_kernels``: one whole-layer call per 64 tokens. With a
+    """Routed experts through ``cython_kernels``: one whole-layer call per step. With a
     ``pool`` the calls run on its background thread (no GIL held) and ``start`` returns at once.
 
     Hidden states on a GPU (attention there, experts in host memory) are copied to the CPU for
@@ -70,18 +70,14 @@ class KernelExperts:
         return hit[1]
 
     def start(self, layer: int, experts: RoutedExperts, x: torch.Tensor, ids: torch.Tensor,
-              weights: torch.Tensor) -> list:
+              weights: torch.Tensor) -> tuple[Future | torch.Tensor, torch.device]:
         ex = self.bound(experts)
         home = x.device
         if home.type != "cpu":
             x, ids, weights = x.to("cpu"), ids.to("cpu"), weights.to("cpu")
-        weights, T = weights.float(), x.shape[0]
-        chunks = [(x, ids, weights)] if T <= api.MAX_TOKENS else [  # (decode's batches: one, no slicing)
-            (x[t : t + api.MAX_TOKENS], ids[t : t + api.MAX_TOKENS], weights[t : t + api.MAX_TOKENS])
-            for t in range(0, T, api.MAX_TOKENS)]
-        return [self.pool.submit(*c, ex) if self.pool is not None else ex(*c) for c in chunks], home
+        weights = weights.float()
+        return (self.pool.submit(x, ids, weights, ex) if self.pool is not None else ex(x, ids, weights)), home
 
-    def finish(self, handle: tuple[list, torch.device]) -> torch.Tensor:
-        parts, home = handle
-        outs = [p.result() if isinstance(p, Future) else p for p in parts]
-        return (outs[0] if len(outs) == 1 else torch.cat(outs)).to(home)
+    def finish(self, handle: tuple[Future | torch.Tensor, torch.device]) -> torch.Tensor:
+        out, home = handle
+        return (out.result() if isinstance(out, Future) else out).to(home)
