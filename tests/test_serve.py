@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-import torch
 from serving import Reference, Server
 
 from services.engine.prefill import PrefillEngine

@@ -107,8 +107,8 @@ def test_config_file_flags_and_errors(tmp_path):
     assert Config.load(again) == cfg
     for text, key in [("[gateway]\nport = 99999\n", "gateway.port"), ("[decode]\ncolour = 1\n", "decode.colour"),
                       ("[router]\nmax_queue = 'x'\n", "router.max_queue"), ("log_format = 'xml'\n", "log_format"),
-                      ("[weights]\nquant = 'fp4'\n", "weights.quant"), ("[prefill]\nexperts = 'gpu'\n", "prefill.experts"),
-                      ("[gateway\n", "not valid TOML")]:
+                      ("[weights]\nquant = 'fp4'\n", "weights.quant"),
+                      ("[prefill]\nexperts = 'gpu'\n", "prefill.experts"), ("[gateway\n", "not valid TOML")]:
         f.write_text(text)
         with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
             Config.load(f)
