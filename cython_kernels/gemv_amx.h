@@ -18,6 +18,7 @@
 
 #define HM_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,amx-tile,amx-bf16")))
 #define HM_AMX_MAX_T 16 /* tokens per tile */
+#define HM_AMX_WIDE_T 64 /* FP8 takes up to 4 tiles of tokens against one decode (hm_rows16_fp8_amx_wide) */
 #define HM_AMX_PREFETCH 256 /* bytes ahead in each of a tile's 16 rows: 16 streams, so keep it short */
 
 typedef struct {
@@ -48,7 +49,7 @@ static inline int hm_amx_applies(const hm_weight *w, int T) {
      * VNNI where it applies), BF16 from three. */
     const int min_t = w->fmt == HM_FP8_B128 ? (w->cols >= 1024 ? 2 : 3) : w->fmt == HM_INT4 ? 1 : 3;
     return hm_amx_enabled && (w->fmt != HM_INT4 || w->cols % 128 == 0) && T >= min_t
-           && T <= HM_AMX_MAX_T && w->cols % 2 == 0 && w->cols >= 64;
+           && T <= (w->fmt == HM_FP8_B128 ? HM_AMX_WIDE_T : HM_AMX_MAX_T) && w->cols % 2 == 0 && w->cols >= 64;
 }
 
 HM_AMX static void hm_amx_config(int T) {
@@ -155,13 +156,11 @@ HM_AVX512 static inline __m512i hm_bf16_ldexp32(__m512i h, int e) {
                                                          _mm512_set1_epi16(0x7f80)));
 }
 
-/* xp [T][cols] bf16 (decode order) -> xb: for each 32-column block j, 16 rows of T dword pairs:
- * xb[(j * 16 + kk) * T + t] = columns (32j + 2kk, 32j + 2kk + 1) of token t, times 2^xexp.
- * 16 pairs at a time: stored as they are at one token, through a transpose otherwise. */
-HM_AVX512 static void hm_build_xb(const uint16_t *xp, int T, int64_t cols, uint32_t *xb, int xexp) {
+/* hm_build_xb's layout for T <= 16 tokens, ld tokens wide (ld >= T; the caller zeroes the rest). */
+HM_AVX512 static void hm_build_xb_group(const uint16_t *xp, int T, int ld, int64_t cols, uint32_t *xb, int xexp) {
     const int64_t full = cols / 64 * 64;
     const __mmask16 tm = (__mmask16)((1u << T) - 1);
-    if (T == 1) {
+    if (ld == 1) {
         for (int64_t i = 0; i < full / 2; i += 16) {
             __m512i v = _mm512_loadu_si512(xp + 2 * i);
             _mm512_storeu_si512(xb + i, xexp ? hm_bf16_ldexp32(v, xexp) : v);
@@ -175,11 +174,29 @@ HM_AVX512 static void hm_build_xb(const uint16_t *xp, int T, int64_t cols, uint3
             if (xexp && t < T) r[t] = hm_bf16_ldexp32(r[t], xexp);
         }
         hm_transpose16(r);
-        for (int kk = 0; kk < 16; kk++) _mm512_mask_storeu_epi32(xb + (i + kk) * T, tm, r[kk]);
+        for (int kk = 0; kk < 16; kk++) _mm512_mask_storeu_epi32(xb + (i + kk) * ld, tm, r[kk]);
     }
 }
 
-/* FP8 rows [r0, r0 + 16) for 1-16 tokens through AMX, software-pipelined per 128-column scale
+/* xp [T][cols] bf16 (decode order) -> xb: for each 32-column block j, 16 rows of T dword pairs:
+ * xb[(j * 16 + kk) * T + t] = columns (32j + 2kk, 32j + 2kk + 1) of token t, times 2^xexp.
+ * 16 pairs at a time: stored as they are at one token, through a transpose otherwise. Over 16
+ * tokens (FP8's wide kernel), that layout per group of 16 tokens, 16 wide, one group after the
+ * other (cols / 2 x 16 words each), the last group's missing tokens zero. */
+HM_AVX512 static void hm_build_xb(const uint16_t *xp, int T, int64_t cols, uint32_t *xb, int xexp) {
+    if (T > HM_AMX_MAX_T) { /* groups of 16 tokens one after the other, the last padded with zeros */
+        for (int t0 = 0; t0 < T; t0 += HM_AMX_MAX_T) {
+            const int n = T - t0 < HM_AMX_MAX_T ? T - t0 : HM_AMX_MAX_T;
+            uint32_t *g = xb + (size_t)(t0 / HM_AMX_MAX_T) * HM_AMX_MAX_T * (size_t)(cols / 2);
+            if (n < HM_AMX_MAX_T) memset(g, 0, sizeof(uint32_t) * HM_AMX_MAX_T * (size_t)(cols / 2));
+            hm_build_xb_group(xp + (int64_t)t0 * cols, n, HM_AMX_MAX_T, cols, g, xexp);
+        }
+        return;
+    }
+    hm_build_xb_group(xp, T, T, cols, xb, xexp);
+}
+
+/* FP8 rows [r0, r0 + 16) for 2-16 tokens through AMX, software-pipelined per 128-column scale
  * block: block k is decoded into one half of a double buffer while the tiles multiply block
  * k - 1 from the other half (a tile load must wait for the stores it reads to leave the store
  * buffer, so loading what was just stored would stall every block), and block k - 2's C tile is
@@ -279,6 +296,89 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
     hm_amx_store(w, xp, T, tot, y, ldy, r0);
 }
 
+/* One group's multiply in hm_rows16_fp8_amx_wide: C tile c += the two A tiles' chunks (h, h + 1)
+ * times that group's activations. (Tile numbers are immediates, hence a macro.) */
+#define HM_FP8_WIDE_GROUP(c, g)                                               \
+    do {                                                                      \
+        _tile_loadd(3, xb + (g) * gw + (j + h) * 256, 64);                    \
+        _tile_loadd(4, xb + (g) * gw + (j + h + 1) * 256, 64);                \
+        _tile_dpbf16ps(c, 1, 3);                                              \
+        _tile_dpbf16ps(c, 2, 4);                                              \
+    } while (0)
+
+/* FP8 rows [r0, r0 + 16) for 17-64 tokens: hm_rows16_fp8_amx's pipeline, with each decoded block
+ * multiplied by every group of 16 tokens (C tiles 0, 5, 6, 7; xb: hm_build_xb's groups), so that
+ * a weight is decoded once for up to 64 tokens instead of once per 16: the decode, not the tile
+ * unit, is what the narrow kernel spends its time on. The groups' row sums stay in memory (up to
+ * 4 x 16 vectors), scaled from the C tiles block by block as there. */
+HM_AMX static void hm_rows16_fp8_amx_wide(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
+                                          float *y, int64_t ldy, int64_t r0) {
+    const hm_fp8_tables ts = hm_fp8s_tables_load();
+    const int64_t full = w->cols / 64 * 64, nb = (full + 127) / 128, nbi = (w->cols + 127) / 128;
+    const float *sc = (const float *)w->scale + (r0 / 128) * nbi;
+    const int G = (T + HM_AMX_MAX_T - 1) / HM_AMX_MAX_T;
+    const size_t gw = (size_t)HM_AMX_MAX_T * (size_t)(w->cols / 2); /* words of a group's activations */
+    hm_amx_config(HM_AMX_MAX_T);
+    uint16_t a[2][4][16 * 32] __attribute__((aligned(64)));
+    float cb[2][4][16 * 16] __attribute__((aligned(64)));
+    __m512 tot[4][16];
+    for (int g = 0; g < 4; g++)
+        for (int n = 0; n < 16; n++) tot[g][n] = _mm512_setzero_ps();
+    for (int64_t k = 0; k <= nb + 1; k++) {
+        hm_prefetch_next_heads(w, r0, w->cols, k, nb);
+        if (k < nb) { /* decode block k */
+            const int64_t c0 = k * 128;
+            const int halves = c0 + 128 <= full ? 2 : 1;
+            uint16_t(*d)[16 * 32] = a[k & 1];
+            for (int n = 0; n < 16; n++) {
+                const uint8_t *row = w->data + (r0 + n) * w->cols + c0;
+                _mm_prefetch((const char *)(row + HM_AMX_PREFETCH), _MM_HINT_T0);
+                _mm_prefetch((const char *)(row + 64 + HM_AMX_PREFETCH), _MM_HINT_T0);
+                for (int h = 0; h < halves; h++) {
+                    __m512i w0, w1;
+                    hm_fp8s_decode64(&ts, _mm512_loadu_si512(row + 64 * h), &w0, &w1);
+                    _mm512_store_si512(d[2 * h] + n * 32, w0);
+                    _mm512_store_si512(d[2 * h + 1] + n * 32, w1);
+                }
+            }
+        }
+        if (k >= 2) { /* scale block k - 2 */
+            const __m512 s = _mm512_set1_ps(sc[k - 2] * HM_FP8S_BACK);
+            for (int g = 0; g < G; g++) {
+                const float *c = cb[k & 1][g];
+                for (int n = 0; n < 16; n++) tot[g][n] = _mm512_fmadd_ps(_mm512_load_ps(c + n * 16), s, tot[g][n]);
+            }
+        }
+        if (k >= 1 && k <= nb) { /* multiply block k - 1 by every group */
+            uint16_t(*d)[16 * 32] = a[(k - 1) & 1];
+            const int64_t j = (k - 1) * 4; /* first 32-column chunk */
+            const int chunks = (k - 1) * 128 + 128 <= full ? 4 : 2;
+            _tile_zero(0);
+            if (G > 1) _tile_zero(5);
+            if (G > 2) _tile_zero(6);
+            if (G > 3) _tile_zero(7);
+            for (int h = 0; h < chunks; h += 2) {
+                _tile_loadd(1, d[h], 64);
+                _tile_loadd(2, d[h + 1], 64);
+                HM_FP8_WIDE_GROUP(0, 0);
+                if (G > 1) HM_FP8_WIDE_GROUP(5, 1);
+                if (G > 2) HM_FP8_WIDE_GROUP(6, 2);
+                if (G > 3) HM_FP8_WIDE_GROUP(7, 3);
+            }
+            _tile_stored(0, cb[(k - 1) & 1][0], 64);
+            if (G > 1) _tile_stored(5, cb[(k - 1) & 1][1], 64);
+            if (G > 2) _tile_stored(6, cb[(k - 1) & 1][2], 64);
+            if (G > 3) _tile_stored(7, cb[(k - 1) & 1][3], 64);
+        }
+    }
+    _tile_release();
+    for (int g = 0; g < G; g++) {
+        const int t0 = g * HM_AMX_MAX_T, n = T - t0 < HM_AMX_MAX_T ? T - t0 : HM_AMX_MAX_T;
+        hm_amx_store(w, xp + (int64_t)t0 * w->cols, n, tot[g], y + t0 * ldy, ldy, r0);
+    }
+}
+#undef HM_FP8_WIDE_GROUP
+
 /* Whether FP8 at one token takes hm_rows_fp8_t1 (with AMX or without): then xb holds
  * hm_build_xb's layout at one token. */
 static inline int hm_fp8_t1_applies(const hm_weight *w, int T) { return w->fmt == HM_FP8_B128 && T == 1 && w->cols >= 64; }
@@ -326,7 +426,8 @@ static inline int hm_xb_applies(const hm_weight *w, int T) { /* (FP8 at one toke
 static inline size_t hm_kernel_xb_words(const hm_weight *w, int T) {
     if (hm_int4_vnni_applies(w, T)) return (size_t)T * hm_vnni_xb_words(w->cols, w->group);
     if (hm_fp8_fp16_applies(w, T)) return hm_fp16_xs_words(w->cols);
-    if (w->fmt != HM_INT4) return (size_t)T * (size_t)(w->cols / 2);
+    if (w->fmt != HM_INT4) /* (over 16 tokens, FP8's groups of 16) */
+        return (size_t)(T > HM_AMX_MAX_T ? (T + HM_AMX_MAX_T - 1) / HM_AMX_MAX_T * HM_AMX_MAX_T : T) * (size_t)(w->cols / 2);
     if (hm_int4_amx8_applies(w, T)) return hm_amx8_xb_words(w->cols, w->group, T);
     /* B tiles, then 136 x the group sums, laid out like C's columns block by block */
     return (size_t)hm_int4_amx_n(w, T) * (size_t)(w->cols / 2) + (size_t)(w->cols / 128) * 4 * (size_t)T;

@@ -347,7 +347,8 @@ static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, const ui
     }
     if (xb && hm_amx_applies(w, T))
         for (; r0 + 16 <= r1; r0 += 16) {
-            if (w->fmt == HM_FP8_B128) hm_rows16_fp8_amx(w, xp, xb, T, y, ldy, r0);
+            if (w->fmt == HM_FP8_B128 && T > HM_AMX_MAX_T) hm_rows16_fp8_amx_wide(w, xp, xb, T, y, ldy, r0);
+            else if (w->fmt == HM_FP8_B128) hm_rows16_fp8_amx(w, xp, xb, T, y, ldy, r0);
             else if (w->fmt == HM_INT4 && hm_int4_amx8_applies(w, T)) hm_rows16_int4_amx8(w, xb, T, y, ldy, r0);
             else if (w->fmt == HM_INT4) hm_rows16_int4_amx(w, xp, xb, T, y, ldy, r0);
             else hm_rows16_bf16_amx(w, xp, xb, T, y, ldy, r0);

@@ -47,13 +47,51 @@ static void hm_prepare_x(int variant, int fmt, const float *x, int T, int64_t in
  * 10 cycles per 64 weight bytes with the data in L1, against 7 aligned). */
 static void *hm_alloc64(size_t n) { return aligned_alloc(64, (n + 63) / 64 * 64); }
 
-/* For the AMX paths, VNNI for INT4 at 1-2 tokens and FP8's one-token kernels: the activations
- * (xp prepared, x the same T rows in fp32) in that path's layout, in a new buffer (NULL when none
- * applies, or memory ran out: the AVX-512 path then runs). */
+/* n bytes, 64-aligned, of the calling thread's scratch arena (NULL if memory ran out): kept from
+ * call to call and grown as needed, never shrunk. A buffer of tens of MB fresh from the OS each
+ * call cost more than its use: a 1024-token MoE call spent a sixth of its time in the kernel
+ * zeroing new pages (clear_page_erms) and a few percent more in page faults. The caller bounds
+ * what one call asks for (api.MOE_SCRATCH_BYTES). */
+static __thread char *hm_arena;
+static __thread size_t hm_arena_n;
+static void *hm_scratch(size_t n) {
+    if (n > hm_arena_n) {
+        free(hm_arena);
+        hm_arena = hm_alloc64(n);
+        hm_arena_n = hm_arena ? n : 0;
+    }
+    return hm_arena;
+}
+
+static inline size_t hm_up64(size_t n) { return (n + 63) / 64 * 64; }
+
+/* Bytes (64-byte multiples) of the activations' layout that the call's path for w and T reads
+ * (the AMX paths, VNNI for INT4 at 1-2 tokens and FP8's one-token kernels), 0 where none applies. */
+static size_t hm_kernel_xb_bytes(int variant, const hm_weight *w, int T) {
+#if defined(__x86_64__)
+    if (variant == HM_AVX512_BF16 && hm_xb_applies(w, T)) return hm_up64(sizeof(uint32_t) * hm_kernel_xb_words(w, T));
+#else
+    (void)variant, (void)w, (void)T;
+#endif
+    return 0;
+}
+
+/* That layout of the activations (xp prepared, x the same T rows in fp32) into xb, which has
+ * hm_kernel_xb_bytes of room. */
+static void hm_build_kernel_xb_in(const hm_weight *w, const void *xp, const float *x, int T, uint32_t *xb) {
+#if defined(__x86_64__)
+    hm_build_kernel_xb(w, (const uint16_t *)xp, x, T, xb);
+#else
+    (void)w, (void)xp, (void)x, (void)T, (void)xb;
+#endif
+}
+
+/* hm_kernel_xb_bytes' layout in a new buffer (NULL when none applies, or memory ran out: the
+ * AVX-512 path then runs). */
 static uint32_t *hm_kernel_xb(int variant, const hm_weight *w, const void *xp, const float *x, int T) {
 #if defined(__x86_64__)
     if (variant != HM_AVX512_BF16 || !hm_xb_applies(w, T)) return NULL;
-    uint32_t *xb = hm_alloc64(sizeof(uint32_t) * hm_kernel_xb_words(w, T));
+    uint32_t *xb = hm_alloc64(hm_kernel_xb_bytes(variant, w, T));
     if (xb) hm_build_kernel_xb(w, (const uint16_t *)xp, x, T, xb);
     return xb;
 #else
@@ -138,12 +176,15 @@ static hm_weight hm_expert(const hm_weight *s, int64_t e) {
 
 static inline float hm_silu(float g) { return g / (1.f + expf(-g)); }
 
-/* The most tokens of one expert that a kernel call takes at once: AMX's tile width where the
- * experts' weights go through AMX (more tokens leave AMX for the vector kernels, which do one
- * dot product per token: 64 tokens in one call ran 5x slower than in four of 16), else all the
- * kernels take. Either way the segments of a tile of rows run back to back, the rows in cache. */
+/* The most tokens of one expert that a kernel call takes at once: what AMX takes where the
+ * experts' weights go through AMX (FP8 64, decoded once for them; BF16 and INT4 one tile of 16:
+ * more tokens would leave AMX for the vector kernels, which do one dot product per token, and 64
+ * tokens in one call ran 5x slower than in four of 16), else all the kernels take. Either way the
+ * segments of a tile of rows run back to back, the rows in cache. */
 static int hm_segment_tokens(int variant, const hm_weight *gate, const hm_weight *down) {
 #if defined(__x86_64__)
+    if (variant == HM_AVX512_BF16 && hm_amx_applies(gate, HM_AMX_WIDE_T) && hm_amx_applies(down, HM_AMX_WIDE_T))
+        return HM_AMX_WIDE_T;
     if (variant == HM_AVX512_BF16 && (hm_amx_applies(gate, HM_AMX_MAX_T) || hm_amx_applies(down, HM_AMX_MAX_T)))
         return HM_AMX_MAX_T;
 #else
@@ -183,14 +224,14 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
     int *tok = malloc(sizeof(int) * (size_t)n), *act = malloc(sizeof(int) * (size_t)na);
     float *tw = malloc(sizeof(float) * (size_t)n);
     int64_t *seg = malloc(sizeof(int64_t) * (size_t)(ns + 1)), *aseg = malloc(sizeof(int64_t) * (size_t)(na + 1));
-    void *xw = hm_alloc64((size_t)T * (size_t)D * esz), *xg = hm_alloc64((size_t)n * (size_t)D * esz);
-    float *g = hm_alloc64(sizeof(float) * (size_t)n * (size_t)I); /* g[p][I]: SiLU(gate) * up of pair p */
-    void *hp = hm_alloc64((size_t)n * (size_t)I * esz);
     /* per thread: a tile's up (or down) outputs, [HM_MAX_TOKENS][HM_ROWS_PER_TILE] */
     float *ytmp_all = malloc(sizeof(float) * (size_t)nthreads * HM_MAX_TOKENS * HM_ROWS_PER_TILE);
+    /* each segment's activations in the AMX / VNNI / one-token layout of gate and up, and of down
+     * (NULL where none applies), in the arena */
     uint32_t **xbg = calloc((size_t)ns + 1, sizeof(uint32_t *)), **xbd = calloc((size_t)ns + 1, sizeof(uint32_t *));
+    size_t *xbo = malloc(sizeof(size_t) * (size_t)(2 * ns + 1));
     int rc = -1;
-    if (!tok || !act || !tw || !seg || !aseg || !xw || !xg || !g || !hp || !ytmp_all || !xbg || !xbd) goto done;
+    if (!tok || !act || !tw || !seg || !aseg || !ytmp_all || !xbg || !xbd || !xbo) goto done;
     {
         int64_t off = 0, a = 0, s = 0;
         for (int64_t e = 0; e < E; e++) {
@@ -202,6 +243,24 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
             off += count[e];
         }
         aseg[na] = ns, seg[ns] = n;
+    }
+    /* The arena: xw [T][D] and xg [n][D] prepared, g [n][I] SiLU(gate) * up of pair p, hp [n][I]
+     * prepared, then the segments' layouts (xbo: their offsets, 0 for none). */
+    const size_t nxw = hm_up64((size_t)T * (size_t)D * esz), nxg = hm_up64((size_t)n * (size_t)D * esz),
+                 ng = hm_up64(sizeof(float) * (size_t)n * (size_t)I), nhp = hm_up64((size_t)n * (size_t)I * esz);
+    size_t total = nxw + nxg + ng + nhp;
+    for (int64_t q = 0; q < 2 * ns; q++) {
+        const size_t b = hm_kernel_xb_bytes(variant, q < ns ? gate : down, (int)(seg[q % ns + 1] - seg[q % ns]));
+        xbo[q] = b ? total : 0;
+        total += b;
+    }
+    char *arena = hm_scratch(total);
+    if (!arena) goto done;
+    void *xw = arena, *xg = arena + nxw, *hp = arena + nxw + nxg + ng;
+    float *g = (float *)(arena + nxw + nxg);
+    for (int64_t s = 0; s < ns; s++) {
+        xbg[s] = xbo[s] ? (uint32_t *)(arena + xbo[s]) : NULL;
+        xbd[s] = xbo[ns + s] ? (uint32_t *)(arena + xbo[ns + s]) : NULL;
     }
     for (int64_t i = 0; i < pairs; i++)
         if (ids[i] >= 0) { int64_t p = pos[ids[i]]++; tok[p] = (int)(i / k); tw[p] = wts[i]; }
@@ -221,8 +280,9 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
         for (int64_t s = 0; s < ns; s++) {
             const int64_t p0 = seg[s];
             const int te = (int)(seg[s + 1] - p0); /* (at one token, its fp32 row is x's) */
-            xbg[s] = hm_kernel_xb(variant, gate, (const char *)xg + (size_t)p0 * D * esz,
-                                  te == 1 ? x + (size_t)tok[p0] * D : NULL, te);
+            if (xbg[s])
+                hm_build_kernel_xb_in(gate, (const char *)xg + (size_t)p0 * D * esz,
+                                      te == 1 ? x + (size_t)tok[p0] * D : NULL, te, xbg[s]);
         }
         /* 1: gate and up for every (active expert, block of I rows) over the expert's segments,
          * then SiLU(gate) * up. */
@@ -247,8 +307,9 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
         for (int64_t p = 0; p < n; p++) hm_prepare_x(variant, down->fmt, g + (size_t)p * I, 1, I, (char *)hp + (size_t)p * I * esz);
 #pragma omp for schedule(dynamic, 1)
         for (int64_t s = 0; s < ns; s++) {
-            xbd[s] = hm_kernel_xb(variant, down, (const char *)hp + (size_t)seg[s] * I * esz, g + (size_t)seg[s] * I,
-                                  (int)(seg[s + 1] - seg[s]));
+            if (xbd[s])
+                hm_build_kernel_xb_in(down, (const char *)hp + (size_t)seg[s] * I * esz, g + (size_t)seg[s] * I,
+                                      (int)(seg[s + 1] - seg[s]), xbd[s]);
         }
         /* 3: down for every block of D rows over all segments; a tile owns its output rows. */
 #pragma omp for schedule(guided)
@@ -271,10 +332,8 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
     }
     rc = 0;
 done:
-    if (xbg && xbd)
-        for (int64_t s = 0; s < ns; s++) { free(xbg[s]); free(xbd[s]); }
-    free(xbg); free(xbd);
-    free(xw); free(xg); free(g); free(hp); free(ytmp_all);
+    free(xbg); free(xbd); free(xbo);
+    free(ytmp_all);
     free(count); free(pos); free(tok); free(act); free(tw); free(seg); free(aseg);
     return rc;
 }

@@ -276,6 +276,30 @@ def test_int4_vnni_moe_matches_reference(amx_switch, tokens):
         assert (out - ref).abs().max() / ref.abs().max() < 1e-2
 
 
+@AMX
+@pytest.mark.parametrize("tokens", [17, 40, 64])
+def test_fp8_amx_wide_matches_reference_and_the_narrow_kernel(amx_switch, tokens):
+    """FP8 over 16 tokens: one decode of each weight block multiplied by up to four groups of 16
+    tokens. Against the reference, and bit for bit against the 16-token kernel run on each group
+    alone (the same decode, tile products and scaling, in the same order); the vector path (AMX
+    off) is another summation."""
+    g = torch.Generator().manual_seed(tokens)
+    amx_switch(True)
+    for shape in [(256, 512), (200, 300), (48, 7 * 64 + 2), (64, 1024), (40, 1090)]:
+        w = _q(torch.randn(shape, generator=g) * 0.05, "fp8_b128")
+        x = torch.randn(tokens, shape[1], generator=g)
+        ref = x.bfloat16().float() @ dequantize(w).T
+        y = api.gemv(x, w, variant="avx512_bf16", threads=2)
+        assert (y - ref).abs().max() / ref.abs().max() < 1e-4, shape
+        for t0 in range(0, tokens, 16):
+            n = min(16, tokens - t0)
+            if n >= 3:  # (fewer take the one- or two-token kernels)
+                assert torch.equal(y[t0 : t0 + n], api.gemv(x[t0 : t0 + n], w, variant="avx512_bf16", threads=2))
+        amx_switch(False)
+        assert not torch.equal(y, api.gemv(x, w, variant="avx512_bf16", threads=2))
+        amx_switch(True)
+
+
 @BF16
 @pytest.mark.parametrize("tokens", [1, 2])
 def test_fp8_shift_and_table_decodes(amx_switch, tokens):
