@@ -18,7 +18,7 @@
 
 #define HM_AMX __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16,amx-tile,amx-bf16")))
 #define HM_AMX_MAX_T 16 /* tokens per tile */
-#define HM_AMX_WIDE_T 64 /* FP8 takes up to 4 tiles of tokens against one decode (hm_rows16_fp8_amx_wide) */
+#define HM_AMX_WIDE_T 64 /* FP8 and BF16: up to 4 tiles of tokens against one decode or load (the _wide kernels) */
 #define HM_AMX_PREFETCH 256 /* bytes ahead in each of a tile's 16 rows: 16 streams, so keep it short */
 
 typedef struct {
@@ -49,7 +49,7 @@ static inline int hm_amx_applies(const hm_weight *w, int T) {
      * VNNI where it applies), BF16 from three. */
     const int min_t = w->fmt == HM_FP8_B128 ? (w->cols >= 1024 ? 2 : 3) : w->fmt == HM_INT4 ? 1 : 3;
     return hm_amx_enabled && (w->fmt != HM_INT4 || w->cols % 128 == 0) && T >= min_t
-           && T <= (w->fmt == HM_FP8_B128 ? HM_AMX_WIDE_T : HM_AMX_MAX_T) && w->cols % 2 == 0 && w->cols >= 64;
+           && T <= (w->fmt == HM_INT4 ? HM_AMX_MAX_T : HM_AMX_WIDE_T) && w->cols % 2 == 0 && w->cols >= 64;
 }
 
 HM_AMX static void hm_amx_config(int T) {
@@ -114,7 +114,8 @@ static inline __attribute__((always_inline)) void hm_prefetch_next_heads(const h
 #include "gemv_amx_int4.h"
 #include "gemv_int4_vnni.h"
 
-/* BF16 rows [r0, r0 + 16): the A tiles load straight from the weight rows, nothing to decode. */
+/* BF16 rows [r0, r0 + 16) for up to 16 tokens: the A tiles load straight from the weight rows,
+ * nothing to decode. */
 HM_AMX static void hm_rows16_bf16_amx(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
                                       float *y, int64_t ldy, int64_t r0) {
     const int64_t full = w->cols / 64 * 64, stride = w->cols * 2;
@@ -142,6 +143,58 @@ HM_AMX static void hm_rows16_bf16_amx(const hm_weight *w, const uint16_t *xp, co
     __m512 tot[16];
     for (int n = 0; n < 16; n++) tot[n] = _mm512_maskz_load_ps(tm, cb + n * 16);
     hm_amx_store(w, xp, T, tot, y, ldy, r0);
+}
+
+/* One group's multiply in the wide kernels: C tile c += the A tiles (1, 2) times that group's
+ * activations for 32-column chunks q and q + 1 (xb: hm_build_xb's groups of 16 tokens, gw words
+ * each). Tile numbers are immediates, hence a macro. */
+#define HM_AMX_WIDE_GROUP(c, g, q)                                            \
+    do {                                                                      \
+        _tile_loadd(3, xb + (g) * gw + (q) * 256, 64);                        \
+        _tile_loadd(4, xb + (g) * gw + ((q) + 1) * 256, 64);                  \
+        _tile_dpbf16ps(c, 1, 3);                                              \
+        _tile_dpbf16ps(c, 2, 4);                                              \
+    } while (0)
+
+/* BF16 rows [r0, r0 + 16) for 17-64 tokens: each pair of A tiles loaded once and multiplied by
+ * every group of 16 tokens (C tiles 0, 5, 6, 7). */
+HM_AMX static void hm_rows16_bf16_amx_wide(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
+                                           float *y, int64_t ldy, int64_t r0) {
+    const int64_t full = w->cols / 64 * 64, stride = w->cols * 2;
+    const uint16_t *rows = (const uint16_t *)w->data + r0 * w->cols;
+    const int G = (T + HM_AMX_MAX_T - 1) / HM_AMX_MAX_T;
+    const size_t gw = (size_t)HM_AMX_MAX_T * (size_t)(w->cols / 2);
+    float cb[4][16 * 16] __attribute__((aligned(64)));
+    hm_amx_config(HM_AMX_MAX_T);
+    _tile_zero(0);
+    if (G > 1) _tile_zero(5);
+    if (G > 2) _tile_zero(6);
+    if (G > 3) _tile_zero(7);
+    for (int64_t c = 0; c < full; c += 64) {
+        hm_prefetch_next_heads(w, r0, w->cols * 2, c / 64, full / 64);
+        for (int n = 0; n < 16; n++) {
+            const char *p = (const char *)(rows + n * w->cols + c) + HM_AMX_PREFETCH;
+            _mm_prefetch(p, _MM_HINT_T0);
+            _mm_prefetch(p + 64, _MM_HINT_T0);
+        }
+        _tile_loadd(1, rows + c, stride);
+        _tile_loadd(2, rows + c + 32, stride);
+        HM_AMX_WIDE_GROUP(0, 0, c / 32);
+        if (G > 1) HM_AMX_WIDE_GROUP(5, 1, c / 32);
+        if (G > 2) HM_AMX_WIDE_GROUP(6, 2, c / 32);
+        if (G > 3) HM_AMX_WIDE_GROUP(7, 3, c / 32);
+    }
+    _tile_stored(0, cb[0], 64);
+    if (G > 1) _tile_stored(5, cb[1], 64);
+    if (G > 2) _tile_stored(6, cb[2], 64);
+    if (G > 3) _tile_stored(7, cb[3], 64);
+    _tile_release();
+    for (int g = 0; g < G; g++) {
+        const int t0 = g * HM_AMX_MAX_T, n = T - t0 < HM_AMX_MAX_T ? T - t0 : HM_AMX_MAX_T;
+        __m512 tot[16];
+        for (int r = 0; r < 16; r++) tot[r] = _mm512_load_ps(cb[g] + r * 16);
+        hm_amx_store(w, xp + (int64_t)t0 * w->cols, n, tot, y + t0 * ldy, ldy, r0);
+    }
 }
 
 /* 32 bf16 times 2^e (e > 0): exponent field plus e; zeros and subnormals (which the tile unit
@@ -296,18 +349,8 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
     hm_amx_store(w, xp, T, tot, y, ldy, r0);
 }
 
-/* One group's multiply in hm_rows16_fp8_amx_wide: C tile c += the two A tiles' chunks (h, h + 1)
- * times that group's activations. (Tile numbers are immediates, hence a macro.) */
-#define HM_FP8_WIDE_GROUP(c, g)                                               \
-    do {                                                                      \
-        _tile_loadd(3, xb + (g) * gw + (j + h) * 256, 64);                    \
-        _tile_loadd(4, xb + (g) * gw + (j + h + 1) * 256, 64);                \
-        _tile_dpbf16ps(c, 1, 3);                                              \
-        _tile_dpbf16ps(c, 2, 4);                                              \
-    } while (0)
-
 /* FP8 rows [r0, r0 + 16) for 17-64 tokens: hm_rows16_fp8_amx's pipeline, with each decoded block
- * multiplied by every group of 16 tokens (C tiles 0, 5, 6, 7; xb: hm_build_xb's groups), so that
+ * multiplied by every group of 16 tokens (C tiles 0, 5, 6, 7, HM_AMX_WIDE_GROUP), so that
  * a weight is decoded once for up to 64 tokens instead of once per 16: the decode, not the tile
  * unit, is what the narrow kernel spends its time on. The groups' row sums stay in memory (up to
  * 4 x 16 vectors), scaled from the C tiles block by block as there. */
@@ -360,10 +403,10 @@ HM_AMX static void hm_rows16_fp8_amx_wide(const hm_weight *w, const uint16_t *xp
             for (int h = 0; h < chunks; h += 2) {
                 _tile_loadd(1, d[h], 64);
                 _tile_loadd(2, d[h + 1], 64);
-                HM_FP8_WIDE_GROUP(0, 0);
-                if (G > 1) HM_FP8_WIDE_GROUP(5, 1);
-                if (G > 2) HM_FP8_WIDE_GROUP(6, 2);
-                if (G > 3) HM_FP8_WIDE_GROUP(7, 3);
+                HM_AMX_WIDE_GROUP(0, 0, j + h);
+                if (G > 1) HM_AMX_WIDE_GROUP(5, 1, j + h);
+                if (G > 2) HM_AMX_WIDE_GROUP(6, 2, j + h);
+                if (G > 3) HM_AMX_WIDE_GROUP(7, 3, j + h);
             }
             _tile_stored(0, cb[(k - 1) & 1][0], 64);
             if (G > 1) _tile_stored(5, cb[(k - 1) & 1][1], 64);
@@ -377,7 +420,6 @@ HM_AMX static void hm_rows16_fp8_amx_wide(const hm_weight *w, const uint16_t *xp
         hm_amx_store(w, xp + (int64_t)t0 * w->cols, n, tot[g], y + t0 * ldy, ldy, r0);
     }
 }
-#undef HM_FP8_WIDE_GROUP
 
 /* Whether FP8 at one token takes hm_rows_fp8_t1 (with AMX or without): then xb holds
  * hm_build_xb's layout at one token. */
@@ -426,7 +468,7 @@ static inline int hm_xb_applies(const hm_weight *w, int T) { /* (FP8 at one toke
 static inline size_t hm_kernel_xb_words(const hm_weight *w, int T) {
     if (hm_int4_vnni_applies(w, T)) return (size_t)T * hm_vnni_xb_words(w->cols, w->group);
     if (hm_fp8_fp16_applies(w, T)) return hm_fp16_xs_words(w->cols);
-    if (w->fmt != HM_INT4) /* (over 16 tokens, FP8's groups of 16) */
+    if (w->fmt != HM_INT4) /* (over 16 tokens, the wide kernels' groups of 16) */
         return (size_t)(T > HM_AMX_MAX_T ? (T + HM_AMX_MAX_T - 1) / HM_AMX_MAX_T * HM_AMX_MAX_T : T) * (size_t)(w->cols / 2);
     if (hm_int4_amx8_applies(w, T)) return hm_amx8_xb_words(w->cols, w->group, T);
     /* B tiles, then 136 x the group sums, laid out like C's columns block by block */

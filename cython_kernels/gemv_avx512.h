@@ -351,6 +351,7 @@ static void hm_gemv_rows_avx512(const hm_weight *w, const uint16_t *xp, const ui
             else if (w->fmt == HM_FP8_B128) hm_rows16_fp8_amx(w, xp, xb, T, y, ldy, r0);
             else if (w->fmt == HM_INT4 && hm_int4_amx8_applies(w, T)) hm_rows16_int4_amx8(w, xb, T, y, ldy, r0);
             else if (w->fmt == HM_INT4) hm_rows16_int4_amx(w, xp, xb, T, y, ldy, r0);
+            else if (T > HM_AMX_MAX_T) hm_rows16_bf16_amx_wide(w, xp, xb, T, y, ldy, r0);
             else hm_rows16_bf16_amx(w, xp, xb, T, y, ldy, r0);
         }
     for (int64_t r = r0; r < r1; r++) {

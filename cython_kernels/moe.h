@@ -177,9 +177,9 @@ static hm_weight hm_expert(const hm_weight *s, int64_t e) {
 static inline float hm_silu(float g) { return g / (1.f + expf(-g)); }
 
 /* The most tokens of one expert that a kernel call takes at once: what AMX takes where the
- * experts' weights go through AMX (FP8 64, decoded once for them; BF16 and INT4 one tile of 16:
- * more tokens would leave AMX for the vector kernels, which do one dot product per token, and 64
- * tokens in one call ran 5x slower than in four of 16), else all the kernels take. Either way the
+ * experts' weights go through AMX (FP8 and BF16 64, decoded or loaded once for them; INT4 one
+ * tile of 16: more tokens would leave AMX for the vector kernels, which do one dot product per
+ * token, and 64 tokens in one call ran 5x slower than in four of 16), else all the kernels take. Either way the
  * segments of a tile of rows run back to back, the rows in cache. */
 static int hm_segment_tokens(int variant, const hm_weight *gate, const hm_weight *down) {
 #if defined(__x86_64__)

@@ -277,16 +277,17 @@ def test_int4_vnni_moe_matches_reference(amx_switch, tokens):
 
 
 @AMX
+@pytest.mark.parametrize("fmt", ["fp8_b128", "dense"])
 @pytest.mark.parametrize("tokens", [17, 40, 64])
-def test_fp8_amx_wide_matches_reference_and_the_narrow_kernel(amx_switch, tokens):
-    """FP8 over 16 tokens: one decode of each weight block multiplied by up to four groups of 16
-    tokens. Against the reference, and bit for bit against the 16-token kernel run on each group
-    alone (the same decode, tile products and scaling, in the same order); the vector path (AMX
-    off) is another summation."""
+def test_amx_wide_matches_reference_and_the_narrow_kernel(amx_switch, fmt, tokens):
+    """FP8 and BF16 over 16 tokens: each decoded (or loaded) block of weights multiplied by up to
+    four groups of 16 tokens. Against the reference, and bit for bit against the 16-token kernel
+    run on each group alone (the same decode, tile products and scaling, in the same order); the
+    vector path (AMX off) is another summation."""
     g = torch.Generator().manual_seed(tokens)
     amx_switch(True)
     for shape in [(256, 512), (200, 300), (48, 7 * 64 + 2), (64, 1024), (40, 1090)]:
-        w = _q(torch.randn(shape, generator=g) * 0.05, "fp8_b128")
+        w = _q(torch.randn(shape, generator=g) * 0.05, fmt)
         x = torch.randn(tokens, shape[1], generator=g)
         ref = x.bfloat16().float() @ dequantize(w).T
         y = api.gemv(x, w, variant="avx512_bf16", threads=2)
