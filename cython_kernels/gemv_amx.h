@@ -114,24 +114,32 @@ static inline __attribute__((always_inline)) void hm_prefetch_next_heads(const h
 #include "gemv_amx_int4.h"
 #include "gemv_int4_vnni.h"
 
+/* The BF16 kernels' step at column c: A tiles 1 and 2 loaded from the 16 rows at rows (columns c
+ * and c + 32), what comes next prefetched. */
+HM_AMX static inline __attribute__((always_inline)) void hm_bf16_amx_load_a(const hm_weight *w, int64_t r0,
+                                                                           const uint16_t *rows, int64_t c,
+                                                                           int64_t full) {
+    hm_prefetch_next_heads(w, r0, w->cols * 2, c / 64, full / 64);
+    for (int n = 0; n < 16; n++) {
+        const char *p = (const char *)(rows + n * w->cols + c) + HM_AMX_PREFETCH;
+        _mm_prefetch(p, _MM_HINT_T0);
+        _mm_prefetch(p + 64, _MM_HINT_T0);
+    }
+    _tile_loadd(1, rows + c, w->cols * 2);
+    _tile_loadd(2, rows + c + 32, w->cols * 2);
+}
+
 /* BF16 rows [r0, r0 + 16) for up to 16 tokens: the A tiles load straight from the weight rows,
  * nothing to decode. */
 HM_AMX static void hm_rows16_bf16_amx(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
                                       float *y, int64_t ldy, int64_t r0) {
-    const int64_t full = w->cols / 64 * 64, stride = w->cols * 2;
+    const int64_t full = w->cols / 64 * 64;
     const uint16_t *rows = (const uint16_t *)w->data + r0 * w->cols;
     float cb[16 * 16] __attribute__((aligned(64)));
     hm_amx_config(T);
     _tile_zero(0);
     for (int64_t c = 0; c < full; c += 64) {
-        hm_prefetch_next_heads(w, r0, w->cols * 2, c / 64, full / 64);
-        for (int n = 0; n < 16; n++) {
-            const char *p = (const char *)(rows + n * w->cols + c) + HM_AMX_PREFETCH;
-            _mm_prefetch(p, _MM_HINT_T0);
-            _mm_prefetch(p + 64, _MM_HINT_T0);
-        }
-        _tile_loadd(1, rows + c, stride);
-        _tile_loadd(2, rows + c + 32, stride);
+        hm_bf16_amx_load_a(w, r0, rows, c, full);
         _tile_loadd(3, xb + (c / 32) * 16 * T, T * 4);
         _tile_loadd(4, xb + (c / 32 + 1) * 16 * T, T * 4);
         _tile_dpbf16ps(0, 1, 3);
@@ -160,7 +168,7 @@ HM_AMX static void hm_rows16_bf16_amx(const hm_weight *w, const uint16_t *xp, co
  * every group of 16 tokens (C tiles 0, 5, 6, 7). */
 HM_AMX static void hm_rows16_bf16_amx_wide(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
                                            float *y, int64_t ldy, int64_t r0) {
-    const int64_t full = w->cols / 64 * 64, stride = w->cols * 2;
+    const int64_t full = w->cols / 64 * 64;
     const uint16_t *rows = (const uint16_t *)w->data + r0 * w->cols;
     const int G = (T + HM_AMX_MAX_T - 1) / HM_AMX_MAX_T;
     const size_t gw = (size_t)HM_AMX_MAX_T * (size_t)(w->cols / 2);
@@ -171,14 +179,7 @@ HM_AMX static void hm_rows16_bf16_amx_wide(const hm_weight *w, const uint16_t *x
     if (G > 2) _tile_zero(6);
     if (G > 3) _tile_zero(7);
     for (int64_t c = 0; c < full; c += 64) {
-        hm_prefetch_next_heads(w, r0, w->cols * 2, c / 64, full / 64);
-        for (int n = 0; n < 16; n++) {
-            const char *p = (const char *)(rows + n * w->cols + c) + HM_AMX_PREFETCH;
-            _mm_prefetch(p, _MM_HINT_T0);
-            _mm_prefetch(p + 64, _MM_HINT_T0);
-        }
-        _tile_loadd(1, rows + c, stride);
-        _tile_loadd(2, rows + c + 32, stride);
+        hm_bf16_amx_load_a(w, r0, rows, c, full);
         HM_AMX_WIDE_GROUP(0, 0, c / 32);
         if (G > 1) HM_AMX_WIDE_GROUP(5, 1, c / 32);
         if (G > 2) HM_AMX_WIDE_GROUP(6, 2, c / 32);
@@ -289,6 +290,25 @@ HM_AVX512 static inline __attribute__((always_inline)) void hm_fp8s_decode64(con
     }
 }
 
+/* Scale block k (128 columns, or the last full 64) of FP8 rows [r0, r0 + 16) decoded into the A
+ * tiles d[0..3] (16 rows of 32 bf16 each, 64-column halves in hm_prepare_x_avx512's order). */
+HM_AVX512 static inline __attribute__((always_inline)) void hm_fp8s_decode_block(
+    const hm_fp8_tables *ts, const hm_weight *w, int64_t r0, int64_t k, int64_t full, uint16_t (*d)[16 * 32]) {
+    const int64_t c0 = k * 128;
+    const int halves = c0 + 128 <= full ? 2 : 1;
+    for (int n = 0; n < 16; n++) {
+        const uint8_t *row = w->data + (r0 + n) * w->cols + c0;
+        _mm_prefetch((const char *)(row + HM_AMX_PREFETCH), _MM_HINT_T0);
+        _mm_prefetch((const char *)(row + 64 + HM_AMX_PREFETCH), _MM_HINT_T0);
+        for (int h = 0; h < halves; h++) {
+            __m512i w0, w1;
+            hm_fp8s_decode64(ts, _mm512_loadu_si512(row + 64 * h), &w0, &w1);
+            _mm512_store_si512(d[2 * h] + n * 32, w0);
+            _mm512_store_si512(d[2 * h + 1] + n * 32, w1);
+        }
+    }
+}
+
 HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
                                      float *y, int64_t ldy, int64_t r0) {
     const hm_fp8_tables ts = hm_fp8s_tables_load();
@@ -302,22 +322,7 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
     const __mmask16 tm = (__mmask16)((1u << T) - 1);
     for (int64_t k = 0; k <= nb + 1; k++) {
         hm_prefetch_next_heads(w, r0, w->cols, k, nb);
-        if (k < nb) { /* decode block k */
-            const int64_t c0 = k * 128;
-            const int halves = c0 + 128 <= full ? 2 : 1;
-            uint16_t(*d)[16 * 32] = a[k & 1];
-            for (int n = 0; n < 16; n++) {
-                const uint8_t *row = w->data + (r0 + n) * w->cols + c0;
-                _mm_prefetch((const char *)(row + HM_AMX_PREFETCH), _MM_HINT_T0);
-                _mm_prefetch((const char *)(row + 64 + HM_AMX_PREFETCH), _MM_HINT_T0);
-                for (int h = 0; h < halves; h++) {
-                    __m512i w0, w1;
-                    hm_fp8s_decode64(&ts, _mm512_loadu_si512(row + 64 * h), &w0, &w1);
-                    _mm512_store_si512(d[2 * h] + n * 32, w0);
-                    _mm512_store_si512(d[2 * h + 1] + n * 32, w1);
-                }
-            }
-        }
+        if (k < nb) hm_fp8s_decode_block(&ts, w, r0, k, full, a[k & 1]); /* decode block k */
         if (k >= 2) { /* scale block k - 2 */
             const __m512 s = _mm512_set1_ps(sc[k - 2] * HM_FP8S_BACK);
             const float *c = cb[k & 1];
@@ -369,22 +374,7 @@ HM_AMX static void hm_rows16_fp8_amx_wide(const hm_weight *w, const uint16_t *xp
         for (int n = 0; n < 16; n++) tot[g][n] = _mm512_setzero_ps();
     for (int64_t k = 0; k <= nb + 1; k++) {
         hm_prefetch_next_heads(w, r0, w->cols, k, nb);
-        if (k < nb) { /* decode block k */
-            const int64_t c0 = k * 128;
-            const int halves = c0 + 128 <= full ? 2 : 1;
-            uint16_t(*d)[16 * 32] = a[k & 1];
-            for (int n = 0; n < 16; n++) {
-                const uint8_t *row = w->data + (r0 + n) * w->cols + c0;
-                _mm_prefetch((const char *)(row + HM_AMX_PREFETCH), _MM_HINT_T0);
-                _mm_prefetch((const char *)(row + 64 + HM_AMX_PREFETCH), _MM_HINT_T0);
-                for (int h = 0; h < halves; h++) {
-                    __m512i w0, w1;
-                    hm_fp8s_decode64(&ts, _mm512_loadu_si512(row + 64 * h), &w0, &w1);
-                    _mm512_store_si512(d[2 * h] + n * 32, w0);
-                    _mm512_store_si512(d[2 * h + 1] + n * 32, w1);
-                }
-            }
-        }
+        if (k < nb) hm_fp8s_decode_block(&ts, w, r0, k, full, a[k & 1]); /* decode block k */
         if (k >= 2) { /* scale block k - 2 */
             const __m512 s = _mm512_set1_ps(sc[k - 2] * HM_FP8S_BACK);
             for (int g = 0; g < G; g++) {
