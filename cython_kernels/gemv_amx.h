@@ -34,10 +34,8 @@ static void hm_init_amx(void) {
     if (syscall(SYS_arch_prctl, 0x1023, 18) != 0) return;
     hm_amx_available = 1;
     hm_amx_int8 = (d >> 25) & 1;
-    const char *env8 = getenv("HYBRIDMOE_AMX_INT8");
-    hm_amx_int8_enabled = hm_amx_int8 && !(env8 && env8[0] == '0');
-    const char *env = getenv("HYBRIDMOE_AMX");
-    hm_amx_enabled = !(env && env[0] == '0');
+    hm_amx_int8_enabled = hm_amx_int8 && !hm_env_off("HYBRIDMOE_AMX_INT8");
+    hm_amx_enabled = !hm_env_off("HYBRIDMOE_AMX");
 }
 
 /* Whether this call takes the AMX path: then xb must hold hm_build_xb's layout of xp. */

@@ -21,6 +21,7 @@
 
 #if defined(__x86_64__)
 #include <immintrin.h>
+#include "cpu_features.h"
 #include "gemv_generic.h"
 
 #define HM_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vbmi,avx512bf16")))

@@ -44,8 +44,7 @@ static void hm_init_fp16(void) {
     unsigned a, b, c, d;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(d & (1u << 23))) return;
     hm_fp16_available = 1;
-    const char *env = getenv("HYBRIDMOE_FP16");
-    hm_fp16_enabled = !(env && env[0] == '0');
+    hm_fp16_enabled = !hm_env_off("HYBRIDMOE_FP16");
 }
 
 static inline int hm_fp8_fp16_applies(const hm_weight *w, int T) { return hm_fp16_enabled && hm_fp8_t1_applies(w, T); }

@@ -8,12 +8,20 @@
 #define HYBRIDMOE_GEMV_GENERIC_H
 
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <math.h>
 
 enum { HM_DENSE_BF16 = 0, HM_FP8_B128 = 1, HM_INT4 = 2 };
 #define HM_MAX_TOKENS 64
 #define HM_CHUNK 128 /* columns decoded at a time */
+
+/* Whether the environment switches a kernel path off: the variable is set and starts with '0'
+ * (HYBRIDMOE_AMX=0 and the like; read once, at import). */
+static inline int hm_env_off(const char *name) {
+    const char *v = getenv(name);
+    return v && v[0] == '0';
+}
 
 /* AMX (see gemv_avx512.h), declared here so that every build has the switches. */
 static int hm_amx_available = 0; /* the CPU has AMX-BF16 and the OS let this process use it */

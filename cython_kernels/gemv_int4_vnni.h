@@ -25,11 +25,9 @@ static int hm_vnni_available = 0; /* AVX512-VNNI */
 static int hm_vnni_enabled = 0;   /* ... and INT4 at 1-2 tokens may use it (HYBRIDMOE_VNNI=0, set_vnni) */
 
 static void hm_init_vnni(void) {
-    unsigned a, b, c, d;
-    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !(c & (1u << 11))) return;
+    if (!hm_cpu_avx512vnni()) return;
     hm_vnni_available = 1;
-    const char *env = getenv("HYBRIDMOE_VNNI");
-    hm_vnni_enabled = !(env && env[0] == '0');
+    hm_vnni_enabled = !hm_env_off("HYBRIDMOE_VNNI");
 }
 
 /* Tokens up to which INT4 takes VNNI rather than AMX-INT8 (DeepSeek-V3 shapes from DRAM, 2

@@ -89,15 +89,10 @@ static void hm_build_kernel_xb_in(const hm_weight *w, const void *xp, const floa
 /* hm_kernel_xb_bytes' layout in a new buffer (NULL when none applies, or memory ran out: the
  * AVX-512 path then runs). */
 static uint32_t *hm_kernel_xb(int variant, const hm_weight *w, const void *xp, const float *x, int T) {
-#if defined(__x86_64__)
-    if (variant != HM_AVX512_BF16 || !hm_xb_applies(w, T)) return NULL;
-    uint32_t *xb = hm_alloc64(hm_kernel_xb_bytes(variant, w, T));
-    if (xb) hm_build_kernel_xb(w, (const uint16_t *)xp, x, T, xb);
+    const size_t n = hm_kernel_xb_bytes(variant, w, T);
+    uint32_t *xb = n ? hm_alloc64(n) : NULL;
+    if (xb) hm_build_kernel_xb_in(w, xp, x, T, xb);
     return xb;
-#else
-    (void)variant, (void)w, (void)xp, (void)x, (void)T;
-    return NULL;
-#endif
 }
 
 /* xb: NULL, or (avx512_bf16 with AMX or VNNI) the activations in that path's layout, see hm_kernel_xb. */

@@ -191,12 +191,11 @@ def suffix_causal_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale:
             k, v = (t.repeat_interleave(q.shape[0] // t.shape[0], dim=0) for t in (k, v))
         out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=causal_lower_right(T, L),
                                              scale=scale)
-    elif T == L:
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=True, scale=scale,
-                                             enable_gqa=k.shape[0] != q.shape[0])
     else:
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=suffix_causal_mask(T, L, q.device),
-                                             scale=scale, enable_gqa=k.shape[0] != q.shape[0])
+        whole = T == L  # (the causal mask then is torch's own)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], is_causal=whole, scale=scale,
+                                             attn_mask=None if whole else suffix_causal_mask(T, L, q.device),
+                                             enable_gqa=k.shape[0] != q.shape[0])
     return out[0, ..., :dv]
 
 
