@@ -391,8 +391,9 @@ class DecodeLayer:
     GEMV, the residual add + post-attention RMSNorm, the router GEMV and its softmax top-k. The
     same kernels in the same order as the one-op calls (:func:`add_rms_norm`, :func:`gemv_multi`,
     :func:`qk_norm_rope`, :func:`decode_attention_batch`, :func:`softmax_topk`), so the same results
-    to the bit, without the Python between them. Weights are checked once, here (q, k, v, o and
-    router one format and 64-byte aligned; norms in ``dtype``); the variant is fixed here too."""
+    to the bit, without the Python between them. Weights are checked once, here (64-byte aligned, in
+    any of the kernels' formats: q, k and v in one, o and the router each in its own, as an FP8
+    checkpoint has them; norms in ``dtype``); the variant is fixed here too."""
 
     def __init__(self, q: QuantWeight, k: QuantWeight, v: QuantWeight, o: QuantWeight, router: QuantWeight,
                  norm1: torch.Tensor, eps1: float, norm2: torch.Tensor, eps2: float, *, heads: int, kv_heads: int,
@@ -406,10 +407,10 @@ class DecodeLayer:
             Gemv([router], what="DecodeLayer router")
         D, HD, KD = self.qkv.cols, heads * head_dim, kv_heads * head_dim
         if (q.shape[0], k.shape[0], v.shape[0]) != (HD, KD, KD) or tuple(o.shape) != (D, HD) \
-                or router.shape[1] != D or len({q.fmt, o.fmt, router.fmt}) != 1:
+                or router.shape[1] != D:
             raise ValueError(f"DecodeLayer: q {list(q.shape)}, k {list(k.shape)}, v {list(v.shape)}, o {list(o.shape)} "
                              f"and router {list(router.shape)} do not fit {heads} x {kv_heads} heads of {head_dim} "
-                             "over one hidden size in one format")
+                             "over one hidden size")
         E = router.shape[0]
         if not 1 <= top_k <= E:
             raise ValueError(f"DecodeLayer: top_k must lie in [1, {E}], got {top_k}")

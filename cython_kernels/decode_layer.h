@@ -12,7 +12,7 @@
 #include "decode_ops.h"
 
 typedef struct {
-    hm_weight qkv[3], o, router; /* BF16 [out, in]: q, k, v [H dh | K dh | K dh, D]; o [D, H dh]; router [E, D] */
+    hm_weight qkv[3], o, router; /* [out, in]: q, k, v [H dh | K dh | K dh, D] (one format); o [D, H dh]; router [E, D] */
     const void *norm1, *norm2;   /* the input and post-attention RMSNorm weights [D], in the dtype */
     float eps1, eps2;
     const void *qn, *kn; /* q/k RMSNorm weights [dh] (both NULL: none) */
@@ -73,6 +73,10 @@ static int hm_decode_gqa_layer(const hm_gqa_layer *L, int variant, int64_t N, co
         rc = hm_decode_attention(attn, (int)N, L->avx512, qf, o, nthreads);
     }
     if (rc == 0) {
+        /* attention's output in the dtype, as the op calls hand it to the o GEMV (whose FP8 path
+         * at one token reads the fp32 values, not only their bf16 rounding) */
+        if (L->bf16)
+            for (int64_t i = 0; i < N * HD; i++) o[i] = hm_bf16_to_f32(hm_f32_to_bf16(o[i]));
         hm_gemv_multi(variant, &L->o, 1, o, (int)N, od, xp, nthreads);
         hm_add_rms_norm(s, od, 0, x_out, h, L->norm2, N, D, L->eps2, L->bf16, scr);
         hm_widen(h, N * D, L->bf16, hf);

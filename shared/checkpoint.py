@@ -272,11 +272,16 @@ class WeightSpec:
 
 
 def load_spec(ckpt: Checkpoint, s: WeightSpec, dtype: torch.dtype) -> Any:
-    """One spec's tensor, validated: non-expert linear layers as ``dtype`` tensors (FP8 ones
-    dequantized), routed experts as a stacked :class:`QuantWeight`."""
+    """One spec's tensor, validated: routed experts as a stacked :class:`QuantWeight`; other linear
+    layers as the checkpoint stores them, a :class:`QuantWeight` when quantized (FP8, INT4: decode's
+    kernels read them so, the torch paths dequantize them per call), else a ``dtype`` tensor;
+    routers and the LM head as ``dtype`` tensors whatever their storage."""
     if s.role == "experts":
         return ckpt.experts(s.expert_prefixes(), s.shape[1:], s.why, dtype)
-    if s.role in ("linear", "router"):
+    if s.role == "linear":
+        w = ckpt.linear(s.name, s.shape, s.why)
+        return w if w.fmt != "dense" else w.data.to(dtype)
+    if s.role == "router":
         return ckpt.dense(s.name, s.shape, s.why, dtype)
     if s.role == "bias":
         return ckpt.expect(s.name, s.shape, s.why).float()

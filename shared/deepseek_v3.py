@@ -19,12 +19,16 @@ from shared.layers import (
     DecoderLayer,
     DenseMLP,
     MoE,
+    QuantLinear,
     RMSNorm,
     Rotary,
     RoutedExperts,
     causal_attention,
+    dense_weight,
     linear,
+    linears,
     rope_parameters,
+    set_linear,
     suffix_causal_mask,
     suffix_causal_sdpa,
     yarn_mscale,
@@ -180,46 +184,42 @@ class MLAttention(nn.Module):
         self.a, self.rotary = a, rotary
         get = lambda n: w[f"{prefix}.{n}"]  # noqa: E731
         if a.q_lora_rank is None:
-            self.register_buffer("q_proj", get("q_proj"))
+            set_linear(self, "q_proj", get("q_proj"))
             self.q_a_proj = self.q_a_norm = None
         else:
-            self.register_buffer("q_a_proj", get("q_a_proj"))
+            set_linear(self, "q_a_proj", get("q_a_proj"))
             self.q_a_norm = RMSNorm(get("q_a_layernorm.weight"), 1e-6)
-            self.register_buffer("q_b_proj", get("q_b_proj"))
-        self.register_buffer("kv_a_proj", get("kv_a_proj_with_mqa"))
+            set_linear(self, "q_b_proj", get("q_b_proj"))
+        set_linear(self, "kv_a_proj", get("kv_a_proj_with_mqa"))
         self.kv_a_norm = RMSNorm(get("kv_a_layernorm.weight"), 1e-6)
-        self.register_buffer("kv_b_proj", get("kv_b_proj"))
-        self.register_buffer("o_proj", get("o_proj"))
+        set_linear(self, "kv_b_proj", get("kv_b_proj"))
+        set_linear(self, "o_proj", get("o_proj"))
         self._absorbed: tuple | None = None  # see absorbed_weights
         self.scale = a.qk_head_dim**-0.5
         if a.rope["rope_type"] != "default" and a.rope.get("mscale_all_dim"):
             self.scale *= yarn_mscale(float(a.rope["factor"]), float(a.rope["mscale_all_dim"])) ** 2
 
-    def query(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, D] -> q [B, T, H, N + R] (rope not yet applied)."""
-        if self.q_a_proj is None:
-            q = linear(x, self.q_proj)
-        else:
-            q = linear(self.q_a_norm(linear(x, self.q_a_proj)), self.q_b_proj)
-        return q.unflatten(-1, (self.a.num_attention_heads, self.a.qk_head_dim))
-
-    def latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, T, D] -> normalised latent [B, T, L], rope key [B, T, R] (rope not yet applied).
-        These two are what the KV cache stores per token."""
-        kv = linear(x, self.kv_a_proj)
+    def query_latent(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [B, T, D] -> q [B, T, H, N + R], the normalised latent [B, T, L] and the rope key
+        [B, T, R] (rope not yet applied; the latent and rope key are what the KV cache stores per
+        token). The two projections of x (q_a or q, and kv_a) go to the linear together: decode's
+        kernel GEMV reads x once for both."""
+        q_in = self.q_proj if self.q_a_proj is None else self.q_a_proj
+        q, kv = linears(x, (q_in, self.kv_a_proj))
+        if self.q_a_proj is not None:
+            q = linear(self.q_a_norm(q), self.q_b_proj)
         latent, k_rope = kv.split([self.a.kv_lora_rank, self.a.qk_rope_head_dim], dim=-1)
-        return self.kv_a_norm(latent), k_rope
+        return q.unflatten(-1, (self.a.num_attention_heads, self.a.qk_head_dim)), self.kv_a_norm(latent), k_rope
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         a = self.a
         B, T, _ = x.shape
-        q = self.query(x).transpose(1, 2)  # [B, H, T, N + R]
-        q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
-        latent, k_rope = self.latent(x)
+        q, latent, k_rope = self.query_latent(x)
+        q_nope, q_rope = q.transpose(1, 2).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)  # [B, H, T, *]
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         q_rope = self.rotary.apply(q_rope, cos, sin)
         k_rope = self.rotary.apply(k_rope.unsqueeze(1), cos, sin)  # [B, 1, T, R]
-        kv = F.linear(latent, self.kv_b_proj).unflatten(-1, (a.num_attention_heads, -1)).transpose(1, 2)
+        kv = F.linear(latent, dense_weight(self.kv_b_proj, latent.dtype)).unflatten(-1, (a.num_attention_heads, -1)).transpose(1, 2)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)  # [B, H, T, N], [B, H, T, V]
         k = torch.cat((k_nope, k_rope.expand(-1, a.num_attention_heads, -1, -1)), dim=-1)
         out = causal_attention(torch.cat((q_nope, q_rope), dim=-1), k, v, self.scale)
@@ -235,8 +235,8 @@ class MLAttention(nn.Module):
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, D], positions [N] -> queries [N, H, N + R] (rope applied), entries [N, kv_width]."""
         a = self.a
-        q_nope, q_rope = self.query(x).split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
-        latent, k_rope = self.latent(x)
+        q, latent, k_rope = self.query_latent(x)
+        q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         cos, sin = self.rotary.cos_sin(positions.unsqueeze(0), x.dtype)
         q_rope = self.rotary.apply(q_rope.transpose(0, 1).unsqueeze(0), cos, sin)[0].transpose(0, 1)
         k_rope = self.rotary.apply(k_rope.unsqueeze(0).unsqueeze(0), cos, sin)[0, 0]
@@ -253,7 +253,7 @@ class MLAttention(nn.Module):
         latent, k_rope = kv.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         if not absorbed:
-            kvb = F.linear(latent, self.kv_b_proj).view(L, H, -1).transpose(0, 1)  # [H, L, N + V]
+            kvb = F.linear(latent, dense_weight(self.kv_b_proj, latent.dtype)).view(L, H, -1).transpose(0, 1)  # [H, L, N + V]
             k_nope, v = kvb.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
             k = torch.cat((k_nope, k_rope.expand(H, L, -1)), dim=-1)
             return suffix_causal_sdpa(q.transpose(0, 1), k, v, self.scale).transpose(0, 1).flatten(1)
@@ -276,14 +276,16 @@ class MLAttention(nn.Module):
         twice, 2x its bf16 size in fp32: 67 MB at DeepSeek-V3's shapes), and the absorbed form then
         computes in fp32. torch's CPU bmm at one token ran 3x slower in bf16 than in fp32 there
         (both products: 8.8 against 2.8 ms a layer), and the einsums over the strided views copied
-        both each call."""
+        both each call. A quantized kv_b_proj (FP8) is dequantized into the fp32 copies: 4x the
+        checkpoint's bytes, which decode then reads a step (67 against 17 MB a DeepSeek-V3 layer)."""
         w = self.kv_b_proj
-        key = (w.data_ptr(), w.device, w.dtype)
+        d = w.data if isinstance(w, QuantLinear) else w
+        key = (d.data_ptr(), d.device, d.dtype)
         if self._absorbed is None or self._absorbed[0] != key:
             a = self.a
-            copy = w.device.type == "cpu" and w.dtype != torch.float32
+            copy = isinstance(w, QuantLinear) or (w.device.type == "cpu" and w.dtype != torch.float32)
             heads, width = a.num_attention_heads, a.qk_nope_head_dim + a.v_head_dim
-            v = (w.float() if copy else w).view(heads, width, a.kv_lora_rank)
+            v = (dense_weight(w, torch.float32).float() if copy else w).view(heads, width, a.kv_lora_rank)
             w_uk, w_uv = v.split([a.qk_nope_head_dim, a.v_head_dim], dim=1)
             self._absorbed = (key, *((w_uk.contiguous(), w_uv.contiguous()) if copy else (w_uk, w_uv)))
         return self._absorbed[1], self._absorbed[2]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shared.checkpoint import CheckpointError, HFConfig
-from shared.quant import QuantWeight
+from shared.quant import QuantWeight, dequantize_fast
 
 # A faster y = x W^T for some shapes (the engines' CPU decode sets the kernels' BF16 GEMV here for
 # the few-token case): called with one weight, or a tuple of weights for the same x (then it
@@ -29,21 +29,72 @@ LINEAR_OVERRIDE: contextvars.ContextVar[Callable[[torch.Tensor, Any], Any] | Non
     contextvars.ContextVar("LINEAR_OVERRIDE", default=None)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+class QuantLinear(nn.Module):
+    """A linear layer's weight [out, in] kept as the checkpoint stores it (FP8 128x128 blocks, INT4
+    groups): DeepSeek's FP8 release quantizes attention, shared experts and dense layers too.
+    Decode reads every one of those weights once a token, so the CPU kernels' GEMV takes it as it
+    is (half the bytes of BF16); the torch paths dequantize it per call (:meth:`dense`), and an
+    engine that keeps it resident on a GPU dequantizes it once there. Its data and scale are
+    buffers, so ``.to(device)`` and the weight store treat them as any other weight."""
+
+    def __init__(self, w: QuantWeight) -> None:
+        super().__init__()
+        if w.fmt == "dense" or len(w.shape) != 2:
+            raise ValueError(f"QuantLinear holds a quantized [out, in] weight, got {w.fmt} {list(w.shape)}")
+        self.fmt, self.shape = w.fmt, tuple(w.shape)
+        self.register_buffer("data", w.data)
+        self.register_buffer("scale", w.scale)
+
+    def quant(self) -> QuantWeight:
+        return QuantWeight(self.fmt, self.data, self.scale, self.shape)
+
+    def dense(self, dtype: torch.dtype) -> torch.Tensor:
+        """The real-valued weight in ``dtype`` (made at each call, not kept)."""
+        return dequantize_fast(self.quant(), dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.fmt}, shape={list(self.shape)}"
+
+
+Linear = torch.Tensor | QuantLinear  # a linear layer's weight as the model modules hold it
+
+
+def set_linear(module: nn.Module, name: str, w: torch.Tensor | QuantWeight) -> None:
+    """Give ``module`` the linear weight ``name``: a buffer for a plain tensor (or a dense
+    QuantWeight's), a :class:`QuantLinear` submodule for a quantized one."""
+    if isinstance(w, QuantWeight):
+        if w.fmt != "dense":
+            module.add_module(name, QuantLinear(w))
+            return
+        w = w.data
+    module.register_buffer(name, w)
+
+
+def dense_weight(w: Linear, dtype: torch.dtype) -> torch.Tensor:
+    """A linear weight as a plain tensor: a tensor as it is, a quantized one dequantized to dtype."""
+    return w.dense(dtype) if isinstance(w, QuantLinear) else w
+
+
+def as_quant(w: Linear) -> QuantWeight:
+    """A linear weight as a :class:`QuantWeight` (a plain tensor as ``dense``), as the kernels take it."""
+    return w.quant() if isinstance(w, QuantLinear) else QuantWeight("dense", w, None, tuple(w.shape))
+
+
+def linear(x: torch.Tensor, w: Linear) -> torch.Tensor:
     """``F.linear(x, w)``, or the context's override when it takes the shape."""
     fast = LINEAR_OVERRIDE.get()
     if fast is not None and (y := fast(x, w)) is not None:
         return y
-    return F.linear(x, w)
+    return F.linear(x, dense_weight(w, x.dtype))
 
 
-def linears(x: torch.Tensor, ws: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+def linears(x: torch.Tensor, ws: tuple[Linear, ...]) -> tuple[torch.Tensor, ...]:
     """``F.linear(x, w)`` for each w, or the context's override for all of them in one call when it
     takes them (one read of x, one fork of the kernels' threads)."""
     fast = LINEAR_OVERRIDE.get()
     if fast is not None and (ys := fast(x, tuple(ws))) is not None:
         return ys
-    return tuple(F.linear(x, w) for w in ws)
+    return tuple(F.linear(x, dense_weight(w, x.dtype)) for w in ws)
 
 
 class RMSNorm(nn.Module):
@@ -233,14 +284,16 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
 class DenseMLP(nn.Module):
     """SiLU-gated MLP: dense layers and shared experts."""
 
-    def __init__(self, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> None:
+    def __init__(self, gate: torch.Tensor | QuantWeight, up: torch.Tensor | QuantWeight,
+                 down: torch.Tensor | QuantWeight) -> None:
         super().__init__()
-        self.register_buffer("gate", gate)  # [I, D]
-        self.register_buffer("up", up)  # [I, D]
-        self.register_buffer("down", down)  # [D, I]
+        set_linear(self, "gate", gate)  # [I, D]
+        set_linear(self, "up", up)  # [I, D]
+        set_linear(self, "down", down)  # [D, I]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(F.silu(linear(x, self.gate)) * linear(x, self.up), self.down)
+        g, u = linears(x, (self.gate, self.up))
+        return linear(F.silu(g) * u, self.down)
 
 
 class SoftmaxTopKRouter(nn.Module):
@@ -402,7 +455,7 @@ class GQAttention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.rotary = heads, kv_heads, head_dim, rotary
         for n in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            self.register_buffer(n, w[f"{prefix}.{n}"])
+            set_linear(self, n, w[f"{prefix}.{n}"])
         self.q_norm = self.k_norm = None
         if qk_norm_eps is not None:
             self.q_norm = RMSNorm(w[f"{prefix}.q_norm.weight"], qk_norm_eps)

@@ -47,8 +47,10 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> CausalLM:
     """Load the checkpoint folder ``path``; ``model(input_ids [B, T])`` returns logits [B, T, V].
 
-    ``dtype`` is the compute dtype (default: the checkpoint's). FP8/INT4 routed experts stay in
-    their format; other FP8 weights are dequantized to ``dtype`` as they are read.
+    ``dtype`` is the compute dtype (default: the checkpoint's). FP8/INT4 weights stay in their
+    format (the routed experts, and the other linear layers of a checkpoint that quantizes them, as
+    DeepSeek's FP8 release does: see :class:`shared.layers.QuantLinear`); the router and LM head
+    are read as ``dtype`` tensors.
     """
     ckpt = Checkpoint(path)
     fam = family_of(ckpt.config)

@@ -170,6 +170,29 @@ def dequantize(qw: QuantWeight, dtype: torch.dtype = torch.float32) -> torch.Ten
     return dequantize_int4(qw.data, qw.scale, dtype)
 
 
+def dequantize_fast(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantize(w, dtype)``, the same values, faster where it can: FP8 to BF16 on the CPU
+    through the kernels' table lookup (~5x torch's conversion), on a GPU in one Triton pass where
+    Triton is installed. Either falls back to :func:`dequantize` (partial blocks, strided or
+    misaligned views, no kernels)."""
+    if w.fmt == "fp8_b128":
+        from shared import quant_triton
+
+        if quant_triton.available(w.data):
+            try:
+                return quant_triton.dequantize_fp8_b128(w.data, w.scale, dtype)
+            except ValueError:
+                pass
+        elif dtype == torch.bfloat16 and w.data.device.type == "cpu":
+            try:
+                from cython_kernels import api  # (the kernels are optional for the model code)
+
+                return api.dequantize_fp8(w)
+            except (ImportError, ValueError):
+                pass
+    return dequantize(w, dtype)
+
+
 def checkpoint_format(quant: str) -> str:
     """Map a user-facing ``--quant`` name (bf16, fp8, int4, int4_g32, ...) to a weight format."""
     names = {"bf16": "dense", "fp8": "fp8_b128", "int4": "int4_g128", "int4_g32": "int4_g32",

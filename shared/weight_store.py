@@ -33,7 +33,8 @@ from shared.checkpoint import Checkpoint, CheckpointError, HFConfig, WeightSpec,
 from shared.model import DTYPES, build_model, config_dtype, family_of
 from shared.quant import QuantWeight, checkpoint_format, quantize
 
-MANIFEST_VERSION = 1
+# 2: a checkpoint's quantized linear layers (not only its routed experts) are published as stored
+MANIFEST_VERSION = 2
 ALIGN = 4096
 _DTYPES = {**DTYPES, "float8_e4m3fn": torch.float8_e4m3fn, "uint8": torch.uint8}
 _NAMES = {v: k for k, v in _DTYPES.items()}

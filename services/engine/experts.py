@@ -9,7 +9,7 @@ from concurrent.futures import Future
 import torch
 
 from cython_kernels import api
-from shared.layers import CausalLM, MoE, RoutedExperts
+from shared.layers import CausalLM, MoE, QuantLinear, RoutedExperts
 
 KERNEL_FORMATS = ("dense", "fp8_b128", "int4_g32", "int4_g128")
 
@@ -30,8 +30,19 @@ def kernel_unsupported_reason(model: CausalLM) -> str | None:
 def place_except_experts(model: CausalLM, device: str | torch.device) -> CausalLM:
     """Move every weight but the routed experts to ``device``: embeddings, attention, norms,
     routers, shared experts, dense layers and the LM head. The routed experts stay where they are
-    (host memory, where the CPU kernels read them). Tied weights stay one tensor. In place."""
+    (host memory, where the CPU kernels read them). Tied weights stay one tensor. In place.
+
+    On a GPU, quantized linear layers (:class:`QuantLinear`: an FP8 checkpoint's attention,
+    shared experts and dense layers) are dequantized to the model's dtype once, there: the
+    device's torch ops then read them as they did (none dequantized per call); on the CPU they
+    stay as stored, for the kernels' GEMV."""
     device = torch.device(device)
+    if device.type != "cpu":
+        for mod in list(model.modules()):
+            for name, child in list(mod._modules.items()):
+                if isinstance(child, QuantLinear):
+                    del mod._modules[name]
+                    mod.register_buffer(name, child.to(device).dense(model.dtype))
     moved: dict[tuple, torch.Tensor] = {}
     for mod in model.modules():
         if isinstance(mod, RoutedExperts):

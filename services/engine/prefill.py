@@ -29,10 +29,9 @@ import torch.distributed as dist
 from cython_kernels import api
 from services.engine.experts import kernel_unsupported_reason, place_except_experts
 from services.engine.runner import ModelRunner, Segment
-from shared import quant_triton
 from shared.kv_cache import ContiguousKV
 from shared.layers import CausalLM, MoE, RoutedExperts, experts_forward
-from shared.quant import QuantWeight
+from shared.quant import QuantWeight, dequantize_fast
 from shared.sampling import Choice, SamplingParams, choose
 
 ExpertWeights = tuple[QuantWeight, QuantWeight, QuantWeight]  # gate, up, down
@@ -207,7 +206,7 @@ class StreamedExperts:
             local = local.masked_fill((local < 0) | (local >= g.shape[0]), -1)
             out = api.Experts(g, u, d, threads=self.threads)(x, local, weights.float())
         else:
-            out = experts_forward(x, ids, weights, g, u, d, first=self.first, dequantize=_fast_dequantize)
+            out = experts_forward(x, ids, weights, g, u, d, first=self.first, dequantize=dequantize_fast)
         self.streamer.release(layer)
         if self.group is not None:
             dist.all_reduce(out, group=self.group)
@@ -322,22 +321,6 @@ class PrefillEngine:
     def close(self) -> None:
         if self.streamer is not None:
             self.streamer.close()
-
-
-def _fast_dequantize(w: QuantWeight, dtype: torch.dtype) -> torch.Tensor:
-    """FP8 to BF16 on the CPU through the kernels' table lookup (bit-equal to torch's, ~5x faster);
-    on a GPU in one Triton pass where Triton is installed (the same values)."""
-    if w.fmt == "fp8_b128" and quant_triton.available(w.data):
-        try:
-            return quant_triton.dequantize_fp8_b128(w.data, w.scale, dtype)
-        except ValueError:  # partial blocks or a strided view: torch's path
-            pass
-    if w.fmt == "fp8_b128" and dtype == torch.bfloat16 and w.data.device.type == "cpu":
-        try:
-            return api.dequantize_fp8(w)
-        except ValueError:  # e.g. a misaligned view: torch's conversion is the same, only slower
-            pass
-    return w.dequantize(dtype)
 
 
 def _pinned(w: QuantWeight) -> QuantWeight:

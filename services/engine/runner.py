@@ -31,12 +31,15 @@ from shared.layers import (
     CausalLM,
     DecoderLayer,
     GQAttention,
+    Linear,
     MoE,
+    QuantLinear,
     RMSNorm,
     RoutedExperts,
     SoftmaxTopKRouter,
+    as_quant,
+    dense_weight,
 )
-from shared.quant import QuantWeight
 
 
 class KVStore(Protocol):
@@ -98,48 +101,66 @@ class _PagedStep:
     tokens: api.PagedTokens  # each sequence's block ids, length after the step and new entry's row
 
 
+def _amx() -> bool:
+    from cython_kernels import _kernels
+
+    return cython_kernels.VARIANT == "avx512_bf16" and _kernels.amx_enabled()
+
+
 def kernel_linear_max_rows() -> int:
     """Up to this many rows, a CPU BF16 linear (the LM head included) goes through the kernels'
     GEMV: one read of the weight at close to the memory bandwidth. With AMX (avx512_bf16 on a CPU
     that has it) a batch of up to 16 rows costs about one row, so up to 16. Without, torch's GEMM
     is as fast beyond 2 rows (LM head 151936x2048 on 2 cores: kernel 25.9 vs torch 28.3 ms at 1
     row, 33.7 vs 29.7 ms at 4)."""
-    from cython_kernels import _kernels
+    return 16 if _amx() else 2
 
-    return 16 if cython_kernels.VARIANT == "avx512_bf16" and _kernels.amx_enabled() else 2
+
+def kernel_quant_max_rows() -> int:
+    """Up to this many rows, a CPU linear whose weight is quantized (:class:`QuantLinear`) goes
+    through the kernels' GEMV, in calls of up to api.MAX_TOKENS rows: torch would first write the
+    dequantized weight (1 byte read and 2 written a weight, then 2 read by the GEMM), so the
+    kernels, which read it in place once a call, stay ahead up to a few calls; with AMX a call of
+    64 rows costs a few single-row ones, so four calls' worth."""
+    return 4 * api.MAX_TOKENS if _amx() else api.MAX_TOKENS
 
 
 def align_for_kernels(model: CausalLM) -> int:
     """The CPU kernels need 64-byte aligned weights; tensors read from a safetensors file are views
-    at arbitrary offsets. Copy each misaligned BF16 matrix once (a fresh allocation is aligned);
-    shared-memory weights are page-aligned and stay where they are. Returns how many were copied."""
+    at arbitrary offsets. Copy each misaligned BF16 matrix (and quantized linear weight's data)
+    once (a fresh allocation is aligned); shared-memory weights are page-aligned and stay where
+    they are. Returns how many were copied."""
     copies: dict[int, torch.Tensor] = {}  # a tied weight stays one tensor
     for mod in model.modules():
         for name, buf in list(mod._buffers.items()):
-            if (buf is not None and buf.device.type == "cpu" and buf.dtype == torch.bfloat16 and buf.dim() == 2
-                    and buf.data_ptr() % 64):
+            if (buf is not None and buf.device.type == "cpu" and buf.dim() == 2 and buf.data_ptr() % 64
+                    and (buf.dtype == torch.bfloat16 or (isinstance(mod, QuantLinear) and name == "data"))):
                 mod._buffers[name] = copies.setdefault(buf.data_ptr(), buf.contiguous().clone())
     return len(copies)
 
 
 class KernelLinears:
-    """The CPU kernels' BF16 GEMV for a few rows (decode), bound once to each tuple of weights it
-    meets (:class:`cython_kernels.api.Gemv`: their checks are paid once, not at every call of every
-    step). It holds the weights it has bound: it belongs to one model, whose weights it serves (a
-    few tuples a layer; past MAX_BOUND bindings it starts over)."""
+    """The CPU kernels' GEMV for a few rows (decode), bound once to each tuple of weights it meets
+    (:class:`cython_kernels.api.Gemv`: their checks are paid once, not at every call of every step).
+    BF16 weights up to ``max_rows`` rows (beyond, torch's GEMM is as fast); quantized ones
+    (:class:`QuantLinear`, read as stored) up to ``quant_max_rows``, in calls of api.MAX_TOKENS.
+    It holds the weights it has bound: it belongs to one model, whose weights it serves (a few
+    tuples a layer; past MAX_BOUND bindings it starts over)."""
 
     MAX_BOUND = 16384
 
-    def __init__(self, max_rows: int) -> None:
+    def __init__(self, max_rows: int, quant_max_rows: int | None = None) -> None:
         self.max_rows = max_rows
+        self.quant_max_rows = max(max_rows, quant_max_rows or 0)
         self._bound: dict[tuple[int, ...], api.Gemv | None] = {}  # by the weights' ids (the Gemv holds them)
 
-    def f32(self, x: torch.Tensor, ws: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
-        """x [..., in] against the BF16 weights ws, all in one kernel GEMV call: fp32 [rows, sum
-        of their outputs], weight i's in its own column range; None where the kernels do not apply
-        (more than ``max_rows`` rows, not on the CPU; weights that are not aligned contiguous BF16
-        matrices of x's input size). x may be bf16 or fp32: the kernel rounds activations to bf16
-        (to nearest even, as ``x.to(torch.bfloat16)`` does)."""
+    def f32(self, x: torch.Tensor, ws: tuple[Linear, ...]) -> torch.Tensor | None:
+        """x [..., in] against the weights ws, all in one kernel GEMV call: fp32 [rows, sum of
+        their outputs], weight i's in its own column range; None where the kernels do not apply
+        (too many rows, not on the CPU; weights of different formats, or that are not aligned
+        contiguous BF16 or quantized matrices of x's input size). x may be bf16, or fp32 for BF16
+        weights: the kernel rounds activations to bf16 (to nearest even, as ``x.to(torch.bfloat16)``
+        does)."""
         key = tuple(map(id, ws))
         g = self._bound.get(key, False)
         if g is False:
@@ -150,23 +171,32 @@ class KernelLinears:
                 or x.shape[-1] != g.cols:
             return None
         rows = x.reshape(-1, g.cols)
-        if not 0 < rows.shape[0] <= self.max_rows:
-            return None
-        return g(rows)
+        n, dense = rows.shape[0], g.weights[0].fmt == "dense"
+        if not 0 < n <= (self.max_rows if dense else self.quant_max_rows) or not (dense or x.dtype == torch.bfloat16):
+            return None  # (an fp32 model keeps torch's fp32 products, where the kernels would round x to bf16)
+        if n <= api.MAX_TOKENS:
+            return g(rows)
+        out = torch.empty(n, g.rows, dtype=torch.float32)
+        for i in range(0, n, api.MAX_TOKENS):
+            g(rows[i : i + api.MAX_TOKENS], out[i : i + api.MAX_TOKENS])
+        return out
 
     @staticmethod
-    def takes(w: torch.Tensor) -> bool:
-        """Whether the kernels' GEMV reads ``w`` in place: an aligned contiguous BF16 CPU matrix."""
-        return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and w.dim() == 2 and not w.data_ptr() % 64
-                and w.is_contiguous())
+    def takes(w: Linear) -> bool:
+        """Whether the kernels' GEMV can read ``w`` in place: an aligned contiguous CPU matrix, BF16
+        or quantized (the kernels' own checks see to the rest when it is bound)."""
+        d = w.data if isinstance(w, QuantLinear) else w
+        return (d.device.type == "cpu" and (isinstance(w, QuantLinear) or d.dtype == torch.bfloat16)
+                and d.dim() == 2 and not d.data_ptr() % 64 and d.is_contiguous())
 
     @classmethod
-    def _bind(cls, ws: tuple[torch.Tensor, ...]) -> api.Gemv | None:
-        if not all(cls.takes(v) and v.shape[1] == ws[0].shape[1] for v in ws):
+    def _bind(cls, ws: tuple[Linear, ...]) -> api.Gemv | None:
+        qs = [as_quant(v) if cls.takes(v) else None for v in ws]
+        if any(q is None or (q.fmt, q.shape[1]) != (qs[0].fmt, qs[0].shape[1]) for q in qs):
             return None
-        return api.Gemv([_dense(v) for v in ws])
+        return api.Gemv(qs)
 
-    def linear(self, x: torch.Tensor, w: torch.Tensor | tuple[torch.Tensor, ...]) -> Any:
+    def linear(self, x: torch.Tensor, w: Linear | tuple[Linear, ...]) -> Any:
         """x W^T (for a tuple of weights, all in one call, a tuple back) for bf16 x; None declines
         (torch then): the model code's ``LINEAR_OVERRIDE``."""
         ws = w if isinstance(w, tuple) else (w,)
@@ -176,10 +206,6 @@ class KernelLinears:
         outs = tuple(part.reshape(*x.shape[:-1], part.shape[1])
                      for part in y.to(x.dtype).split([v.shape[0] for v in ws], dim=1))
         return outs if isinstance(w, tuple) else outs[0]
-
-
-def _dense(w: torch.Tensor) -> QuantWeight:
-    return QuantWeight("dense", w, None, tuple(w.shape))
 
 
 # Up to this many rows (decode batches), the residual add + RMSNorm and GQA's q/k norm + rotary
@@ -197,7 +223,7 @@ class ModelRunner:
         self.absorbed_mla = absorbed_mla
         self.cpu_lm_head = cpu_lm_head and model.device.type == "cpu"
         self.max_kernel_rows = kernel_linear_max_rows()
-        self.kernel_linears = KernelLinears(self.max_kernel_rows)
+        self.kernel_linears = KernelLinears(self.max_kernel_rows, kernel_quant_max_rows())
         # one-token GQA attention straight from the paged cache, where the kernels have the vector
         # path for it (their portable one is slower than torch's gather and matmuls)
         self.paged_attention = self.cpu_lm_head and cython_kernels.VARIANT in ("avx512_bf16", "avx512f")
@@ -338,11 +364,11 @@ class ModelRunner:
                 and dtype in (torch.float32, torch.bfloat16)):
             return None
         ws = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, ffn.router.weight)
-        if not all(KernelLinears.takes(w) for w in ws):
+        if not all(KernelLinears.takes(w) for w in ws) or len({as_quant(w).fmt for w in ws[:3]}) != 1:
             return None
         norms = {} if attn.q_norm is None else {"q_norm": attn.q_norm.weight, "k_norm": attn.k_norm.weight,
                                                  "qk_eps": attn.q_norm.eps}
-        return api.DecodeLayer(*(_dense(w) for w in ws), layer.input_norm.weight, layer.input_norm.eps,
+        return api.DecodeLayer(*(as_quant(w) for w in ws), layer.input_norm.weight, layer.input_norm.eps,
                                layer.post_norm.weight, layer.post_norm.eps, heads=attn.heads,
                                kv_heads=attn.kv_heads, head_dim=attn.head_dim, top_k=ffn.router.top_k,
                                norm_topk=ffn.router.norm_topk_prob, dtype=dtype, interleaved=attn.rotary.interleaved,
@@ -361,7 +387,7 @@ class ModelRunner:
         torch (whose outputs, rounded to h's dtype, the decode ops round again to no effect)."""
         y = self.kernel_linears.f32(h, ws) if self.cpu_lm_head else None
         if y is None:
-            ys = [F.linear(h.to(w.dtype), w) for w in ws]
+            ys = [F.linear(h.to(d.dtype), d) for d in (dense_weight(w, h.dtype) for w in ws)]
             y = (ys[0] if len(ys) == 1 else torch.cat(ys, dim=1)).float()
         return y
 
