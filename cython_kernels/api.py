@@ -18,7 +18,7 @@ from cython_kernels import _kernels
 from shared.quant import QuantWeight, fp8_scale_shape, int4_group
 
 ALIGN = 64
-MAX_TOKENS = 64  # per GEMV call (the MoE call takes any number)
+MAX_TOKENS = 64  # the kernels' token segment (GEMV and MoE calls take any number, in segments of this many)
 # The most scratch memory one C MoE call asks for: DeepSeek-V3's experts take 716 tokens of top-8
 # a call within it (about 22 an expert), Qwen3-30B-A3B's 2259.
 MOE_SCRATCH_BYTES = 256 << 20
@@ -104,10 +104,11 @@ def _activations(x: torch.Tensor, cols: int, what: str, max_tokens: int | None =
 
 def gemv(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = None, *, variant: str | None = None,
          threads: int | None = None) -> torch.Tensor:
-    """y = x @ W^T for x [T, in] (T <= 64) and W [out, in]: returns y [T, out] float32.
+    """y = x @ W^T for x [T, in] and W [out, in]: returns y [T, out] float32.
 
-    The weights are read once whatever T; activations are rounded to bf16 for the products,
-    sums are fp32.
+    The weights are read from memory once whatever T (past 64 tokens each tile of rows goes
+    through the tokens 64 at a time while it is in cache); activations are rounded to bf16 for
+    the products (FP8 at one token with AVX512-FP16: to fp16), sums are fp32.
     """
     return Gemv([w], what="gemv", variant=variant, threads=threads)(x, out)
 
@@ -142,9 +143,9 @@ class Gemv:
         self.variant, self.threads = variant, threads
 
     def __call__(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """y [T, rows] float32 for x [T, cols] (or [cols]) float32 or bfloat16, T <= 64."""
+        """y [T, rows] float32 for x [T, cols] (or [cols]) float32 or bfloat16, any T >= 1."""
         code = _variant_code(self.variant)
-        xf = _activations(x, self.cols, self.what)
+        xf = _activations(x, self.cols, self.what, max_tokens=None)
         T = xf.shape[0]
         if out is None:
             out = torch.empty(T, self.rows, dtype=torch.float32)

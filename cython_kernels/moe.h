@@ -86,16 +86,8 @@ static void hm_build_kernel_xb_in(const hm_weight *w, const void *xp, const floa
 #endif
 }
 
-/* hm_kernel_xb_bytes' layout in a new buffer (NULL when none applies, or memory ran out: the
- * AVX-512 path then runs). */
-static uint32_t *hm_kernel_xb(int variant, const hm_weight *w, const void *xp, const float *x, int T) {
-    const size_t n = hm_kernel_xb_bytes(variant, w, T);
-    uint32_t *xb = n ? hm_alloc64(n) : NULL;
-    if (xb) hm_build_kernel_xb_in(w, xp, x, T, xb);
-    return xb;
-}
-
-/* xb: NULL, or (avx512_bf16 with AMX or VNNI) the activations in that path's layout, see hm_kernel_xb. */
+/* xb: NULL (the AVX-512 path then runs), or (avx512_bf16 with AMX or VNNI) the activations in that
+ * path's layout, see hm_kernel_xb_bytes. */
 static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, const uint32_t *xb, int T, float *y,
                          int64_t ldy, int64_t r0, int64_t r1) {
 #if defined(__x86_64__)
@@ -109,8 +101,11 @@ static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, const 
 /* Several weights of one format and input size against the same x, in one parallel region:
  * y [T][sum of rows], weight i's outputs in columns [off_i, off_i + rows_i). One preparation of
  * the activations (and of a kernel layout, which depends only on format, columns and T), one
- * fork and join instead of one per weight (decode's q, k and v projections). Returns 0, or -1 if
- * the weights differ in format, group or columns. */
+ * fork and join instead of one per weight (decode's q, k and v projections). Any number of
+ * tokens: past HM_MAX_TOKENS they run in segments of that many, each row tile going through all
+ * segments while its rows are in cache, so the weights are read from memory once a call (a
+ * prefill chunk's FP8 linears, multiplied as stored). Returns 0, -1 if the weights differ in
+ * format, group or columns, -2 when out of memory. xp has room for T x cols prepared elements. */
 static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x, int T, float *y, void *xp,
                          int nthreads) {
     int64_t ldy = 0, tiles = 0;
@@ -119,8 +114,24 @@ static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x
         ldy += ws[i].rows;
         tiles += (ws[i].rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
     }
-    hm_prepare_x(variant, ws[0].fmt, x, T, ws[0].cols, xp);
-    uint32_t *xb = hm_kernel_xb(variant, &ws[0], xp, x, T);
+    const int64_t cols = ws[0].cols;
+    hm_prepare_x(variant, ws[0].fmt, x, T, cols, xp);
+    const int S = (T + HM_MAX_TOKENS - 1) / HM_MAX_TOKENS;
+    /* each segment's kernel layout, one after the other in one buffer (none where none applies) */
+    size_t *xoff = malloc(sizeof(size_t) * ((size_t)S + 1));
+    if (!xoff) return -2;
+    xoff[0] = 0;
+    for (int s = 0; s < S; s++) {
+        const int Ts = T - s * HM_MAX_TOKENS < HM_MAX_TOKENS ? T - s * HM_MAX_TOKENS : HM_MAX_TOKENS;
+        xoff[s + 1] = xoff[s] + hm_kernel_xb_bytes(variant, &ws[0], Ts);
+    }
+    char *xb = xoff[S] ? hm_alloc64(xoff[S]) : NULL; /* (out of memory: the AVX-512 path) */
+    const size_t xp_seg = (size_t)HM_MAX_TOKENS * (size_t)cols * (size_t)hm_xp_elem(variant);
+    const size_t x_seg = (size_t)HM_MAX_TOKENS * (size_t)cols;
+    for (int s = 0; xb && s < S; s++) {
+        const int Ts = T - s * HM_MAX_TOKENS < HM_MAX_TOKENS ? T - s * HM_MAX_TOKENS : HM_MAX_TOKENS;
+        hm_build_kernel_xb_in(&ws[0], (const char *)xp + s * xp_seg, x + s * x_seg, Ts, (uint32_t *)(xb + xoff[s]));
+    }
     /* guided: each thread takes long runs of consecutive tiles first (its reads stay one linear
      * stream, which the prefetchers keep ahead of), then shorter ones to even out the end */
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
@@ -133,9 +144,15 @@ static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x
         }
         const int64_t r0 = (t - first) * HM_ROWS_PER_TILE;
         const int64_t r1 = r0 + HM_ROWS_PER_TILE < ws[i].rows ? r0 + HM_ROWS_PER_TILE : ws[i].rows;
-        hm_gemv_rows(variant, &ws[i], xp, xb, T, y + off, ldy, r0, r1);
+        for (int s = 0; s < S; s++) {
+            const int Ts = T - s * HM_MAX_TOKENS < HM_MAX_TOKENS ? T - s * HM_MAX_TOKENS : HM_MAX_TOKENS;
+            hm_gemv_rows(variant, &ws[i], (const char *)xp + s * xp_seg,
+                         xb && xoff[s + 1] > xoff[s] ? (const uint32_t *)(xb + xoff[s]) : NULL, Ts,
+                         y + (int64_t)s * HM_MAX_TOKENS * ldy + off, ldy, r0, r1);
+        }
     }
     free(xb);
+    free(xoff);
     return 0;
 }
 

@@ -35,7 +35,11 @@ class QuantLinear(nn.Module):
     Decode reads every one of those weights once a token, so the CPU kernels' GEMV takes it as it
     is (half the bytes of BF16); the torch paths dequantize it per call (:meth:`dense`), and an
     engine that keeps it resident on a GPU dequantizes it once there. Its data and scale are
-    buffers, so ``.to(device)`` and the weight store treat them as any other weight."""
+    buffers, so ``.to(device)`` and the weight store treat them as any other weight.
+
+    ``keep_dense``: keep the dequantized weight made by :meth:`dense` for the next calls (twice the
+    memory, none of the per-call work): a CPU prefill engine, whose GEMMs over long chunks want
+    the dense form, sets it."""
 
     def __init__(self, w: QuantWeight) -> None:
         super().__init__()
@@ -44,13 +48,20 @@ class QuantLinear(nn.Module):
         self.fmt, self.shape = w.fmt, tuple(w.shape)
         self.register_buffer("data", w.data)
         self.register_buffer("scale", w.scale)
+        self.keep_dense = False
+        self._dense: tuple | None = None  # ((data pointer, device, dtype), the dequantized weight)
 
     def quant(self) -> QuantWeight:
         return QuantWeight(self.fmt, self.data, self.scale, self.shape)
 
     def dense(self, dtype: torch.dtype) -> torch.Tensor:
-        """The real-valued weight in ``dtype`` (made at each call, not kept)."""
-        return dequantize_fast(self.quant(), dtype)
+        """The real-valued weight in ``dtype``: made for the call, or kept (``keep_dense``)."""
+        key = (self.data.data_ptr(), self.data.device, dtype)
+        if self._dense is not None and self._dense[0] == key:
+            return self._dense[1]
+        w = dequantize_fast(self.quant(), dtype)
+        self._dense = (key, w) if self.keep_dense else None
+        return w
 
     def extra_repr(self) -> str:
         return f"{self.fmt}, shape={list(self.shape)}"

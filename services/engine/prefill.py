@@ -30,7 +30,7 @@ from cython_kernels import api
 from services.engine.experts import kernel_unsupported_reason, place_except_experts
 from services.engine.runner import ModelRunner, Segment
 from shared.kv_cache import ContiguousKV
-from shared.layers import CausalLM, MoE, RoutedExperts, experts_forward
+from shared.layers import CausalLM, MoE, QuantLinear, RoutedExperts, experts_forward
 from shared.quant import QuantWeight, dequantize_fast
 from shared.sampling import Choice, SamplingParams, choose
 
@@ -247,7 +247,11 @@ class PrefillEngine:
         when they can run the experts (FP8, INT4, BF16) and the model computes in bf16, whose
         rounding of the activations the kernels share; an fp32 model's experts take torch, since
         the kernels would round its activations to bf16. On a GPU the experts are torch's on the
-        device ("auto" or "torch")."""
+        device ("auto" or "torch").
+
+        Quantized linear layers (an FP8 checkpoint's attention, shared experts and dense layers)
+        are dequantized once and kept dense, on a GPU at placement, on the CPU at first use: the
+        GEMMs of long chunks want them so (on the CPU that is a second copy beside the FP8 one)."""
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.device = torch.device(device)
@@ -280,6 +284,10 @@ class PrefillEngine:
             place_except_experts(model, self.device)
         elif self.device.type != model.device.type:
             raise ValueError(f"the model is on {model.device}; a prefill engine on {self.device} needs it on the CPU")
+        else:  # quantized linears (an FP8 checkpoint's attention, ...) dequantized once, as a GPU places them
+            for mod in model.modules():
+                if isinstance(mod, QuantLinear):
+                    mod.keep_dense = True
         self.streamer = ExpertStreamer(host, self.device, depth, copy_on_cpu) if host else None
         backend = StreamedExperts(self.streamer, lo, group, self.experts == "kernel", threads) if host else None
         self.runner = ModelRunner(model, backend)
