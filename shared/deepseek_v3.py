@@ -219,7 +219,8 @@ class MLAttention(nn.Module):
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         q_rope = self.rotary.apply(q_rope, cos, sin)
         k_rope = self.rotary.apply(k_rope.unsqueeze(1), cos, sin)  # [B, 1, T, R]
-        kv = F.linear(latent, dense_weight(self.kv_b_proj, latent.dtype)).unflatten(-1, (a.num_attention_heads, -1)).transpose(1, 2)
+        kv = F.linear(latent, dense_weight(self.kv_b_proj, latent.dtype))
+        kv = kv.unflatten(-1, (a.num_attention_heads, -1)).transpose(1, 2)
         k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)  # [B, H, T, N], [B, H, T, V]
         k = torch.cat((k_nope, k_rope.expand(-1, a.num_attention_heads, -1, -1)), dim=-1)
         out = causal_attention(torch.cat((q_nope, q_rope), dim=-1), k, v, self.scale)
@@ -253,7 +254,8 @@ class MLAttention(nn.Module):
         latent, k_rope = kv.split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         if not absorbed:
-            kvb = F.linear(latent, dense_weight(self.kv_b_proj, latent.dtype)).view(L, H, -1).transpose(0, 1)  # [H, L, N + V]
+            kvb = F.linear(latent, dense_weight(self.kv_b_proj, latent.dtype))
+            kvb = kvb.view(L, H, -1).transpose(0, 1)  # [H, L, N + V]
             k_nope, v = kvb.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)
             k = torch.cat((k_nope, k_rope.expand(H, L, -1)), dim=-1)
             return suffix_causal_sdpa(q.transpose(0, 1), k, v, self.scale).transpose(0, 1).flatten(1)

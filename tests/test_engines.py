@@ -8,10 +8,11 @@ import torch
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
+from services.engine.bench import step_bytes
 from services.engine.decode import DecodeEngine
 from services.engine.experts import place_except_experts
 from services.engine.prefill import PrefillEngine
-from shared.layers import MoE
+from shared.layers import MoE, QuantLinear
 from shared.model import load_model
 from shared.sampling import SamplingParams
 
@@ -118,12 +119,84 @@ def test_hybrid_placement_moves_all_but_the_routed_experts(tiny_models):
     m = load_model(tiny_models["tiny-deepseek-v3", "fp8"])
     m._buffers["lm_head"] = m.embed  # tie them
     experts = {id(t) for layer in m.layers if isinstance(layer.ffn, MoE) for t in layer.ffn.experts.buffers()}
+    assert any(isinstance(mod, QuantLinear) for mod in m.modules())
     place_except_experts(m, "meta")
     for name, buf in m.named_buffers(remove_duplicate=False):
         routed = ".experts." in name and ".shared_experts." not in name
         assert buf.device.type == ("cpu" if routed else "meta"), name
         assert (id(buf) in experts) == routed, name
     assert m.lm_head is m.embed and len(experts) > 0
+    # FP8 linears are dequantized once on the device, to the model's dtype
+    assert not any(isinstance(mod, QuantLinear) for mod in m.modules())
+    assert m.layers[0].attn.o_proj.dtype == m.dtype
+
+
+def _dequantized(model):
+    """The model with its quantized linears replaced by their dense weights (what loading did
+    before FP8 linears stayed FP8)."""
+    for mod in list(model.modules()):
+        for name, child in list(mod._modules.items()):
+            if isinstance(child, QuantLinear):
+                del mod._modules[name]
+                mod.register_buffer(name, child.dense(model.dtype))
+    return model
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_fp8_linears_stay_fp8_and_decode_reads_them_so(tiny_models, preset, monkeypatch):
+    """An FP8 checkpoint's attention, shared-expert and dense-layer weights load as stored
+    (QuantLinear, one byte a weight in the decode step's bytes) and decode's kernel GEMV reads them
+    so (bf16), its logits those of the full forward; a CPU prefill engine keeps their dense form
+    after first use, with the logits of a model whose linears were dequantized at load."""
+    path = tiny_models[preset, "fp8"]
+    m = load_model(path, dtype=torch.bfloat16)
+    quant = [mod for mod in m.modules() if isinstance(mod, QuantLinear)]
+    assert quant and all(q.fmt == "fp8_b128" and q.data.dtype == torch.float8_e4m3fn for q in quant)
+    attn = m.layers[0].attn
+    assert isinstance(attn.o_proj, QuantLinear)
+    dense = _dequantized(load_model(path, dtype=torch.bfloat16))
+    assert step_bytes(dense) - step_bytes(m) == sum(q.data.numel() - q.scale.numel() * 4 for q in quant)
+
+    from cython_kernels import api
+
+    fmts = []
+    original = api.Gemv.__call__
+    monkeypatch.setattr(api.Gemv, "__call__", lambda self, *a: fmts.append(self.weights[0].fmt) or original(self, *a))
+    prompts = [_prompt(m, n, n) for n in (5, 11, 3, 70)]  # (70: the GEMV's rows past 64, in segments)
+    ref = load_model(path, dtype=torch.float32)
+    gaps = {}
+    for name, model in (("fp8", m), ("dense", dense)):
+        fmts.clear()
+        eng = DecodeEngine(model, num_blocks=128, block_size=4, experts="kernel", keep_logits=True)
+        for i, p in enumerate(prompts):
+            eng.add(str(i), p, SamplingParams(max_tokens=5, ignore_eos=True))
+        results = eng.run_all()
+        eng.close()
+        assert ("fp8_b128" in fmts) == (name == "fp8")
+        # teacher-forced against the fp32 forward of the same (dequantized) weights
+        gaps[name] = []
+        for rid, events in results.items():
+            p = prompts[int(rid)]
+            full = ref(torch.tensor([p + [e.token for e in events]]))[0]
+            for j, e in enumerate(events):
+                want = full[len(p) - 1 + j]
+                gaps[name].append(float((e.logits - want).abs().max() / want.abs().max()))
+        gaps[name].sort()
+    # bf16's rounding, the same for both paths but for the order of the sums: the FP8 path as
+    # close to the reference as the dense one, at the median step (a rounding can flip a near-tied
+    # routing choice, and that step then differs more; a path that computed something else would
+    # be off at every step)
+    median = {k: v[len(v) // 2] for k, v in gaps.items()}
+    assert median["fp8"] < 1.5 * median["dense"] + 2e-3 and median["fp8"] < 2e-2, gaps
+
+    eng = PrefillEngine(m, chunk_size=8)
+    got = eng.prefill(prompts[1], all_logits=True).logits
+    eng.close()
+    assert all(q.keep_dense and q._dense is not None for q in quant)
+    eng = PrefillEngine(dense, chunk_size=8)
+    want = eng.prefill(prompts[1], all_logits=True).logits
+    eng.close()
+    assert torch.equal(got, want)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error where no CUDA device is visible")

@@ -13,6 +13,7 @@ import zmq
 from shared import messages as m
 from shared import weight_store
 from shared.config import Config, ConfigError
+from shared.layers import QuantLinear
 from shared.model import load_model
 
 
@@ -118,8 +119,9 @@ def test_config_file_flags_and_errors(tmp_path):
         Config(run_dir="/tmp/" + "x" * 120).endpoint("router")
 
 
-def test_weight_store_publish_attach_reuse_unlink(tiny_models, tmp_path):
-    path = tiny_models["tiny-qwen3-moe", "int4_g32"]
+@pytest.mark.parametrize("quant", ["int4_g32", "fp8"])
+def test_weight_store_publish_attach_reuse_unlink(tiny_models, tmp_path, quant):
+    path = tiny_models["tiny-qwen3-moe", quant]
     manifest_path = tmp_path / "weights.json"
     ns = f"test{os.getpid()}"
     manifest = weight_store.publish(path, manifest_path, namespace=ns)
@@ -131,7 +133,12 @@ def test_weight_store_publish_attach_reuse_unlink(tiny_models, tmp_path):
         a = weight_store.attach(manifest_path)
         model = a.build()
         experts = model.layers[0].ffn.experts
-        for t in (experts.gate_data, experts.down_scale, model.embed, model.lm_head):
+        shared = [experts.gate_data, experts.down_scale, model.embed, model.lm_head]
+        if quant == "fp8":  # the attention's FP8 weights are shared as stored too
+            o = model.layers[0].attn.o_proj
+            assert isinstance(o, QuantLinear) and o.fmt == "fp8_b128"
+            shared += [o.data, o.scale]
+        for t in shared:
             assert a.contains(t)  # a view of the shared pages, not a copy
         assert t.data_ptr() % 64 == 0
         x = torch.randint(0, 300, (1, 9))
