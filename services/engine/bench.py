@@ -52,9 +52,12 @@ def bench_model_path(preset: str, layers: int, quant: str, seed: int = 0, device
 
 
 def step_bytes(model: CausalLM, experts_only: bool = False) -> int:
-    """Bytes one single-token decode step must read: every weight but the routed experts, plus
-    top-k experts per MoE layer and the LM head (the embedding contributes one row). With
-    ``experts_only``, the top-k experts alone: what the CPU reads when the rest is on a GPU."""
+    """Bytes one single-token decode step must read: every weight but the routed experts, as the
+    checkpoint stores it (an FP8 release's attention, shared experts and dense layers in FP8), plus
+    top-k experts per MoE layer and the LM head (the embedding contributes one row). MLA's absorbed
+    form reads fp32 copies of kv_b_proj instead of it (4x its FP8 bytes): what it must read is
+    the stored weight, so that is what counts. With ``experts_only``, the top-k experts alone:
+    what the CPU reads when the rest is on a GPU."""
     total = 0
     for layer in model.layers:
         for name, buf in layer.named_buffers():
