@@ -148,8 +148,6 @@ def gemv_multi(int variant, list ws, uintptr_t x, int T, uintptr_t y, uintptr_t 
         hw[i] = _weight(ws[i])
     with nogil:
         rc = hm_gemv_multi(variant, hw, n, <const float *> x, T, <float *> y, <void *> xp, nthreads)
-    if rc == -2:
-        raise MemoryError("gemv_multi: out of memory for the activations' kernel layout")
     if rc != 0:
         raise ValueError("gemv_multi: the weights differ in format, group or input size")
 

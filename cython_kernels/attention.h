@@ -200,11 +200,6 @@ HM_ATTN_AVX512 static void hm_attn_item_avx512(const hm_attn *a, const float *q,
 }
 #endif
 
-/* n sequences at once (decode's one-token steps of a layer): as[i] is sequence i, sharing the
- * cache, its layout and the head counts with the others and with its own blocks and length;
- * out [n][heads][dv] fp32 = attention of q [n][heads][dk] fp32. One call and one fork for all of
- * them. avx512: the vector item (needs dk and dv multiples of 16), else the portable one.
- * Returns 0, -1 if out of memory, -2 if a block id lies outside the cache's rows. */
 /* Whether every block the n sequences read lies in their cache's rows. */
 static int hm_attn_blocks_ok(const hm_attn *as, int n) {
     for (int i = 0; i < n; i++)
@@ -213,6 +208,11 @@ static int hm_attn_blocks_ok(const hm_attn *as, int n) {
     return 1;
 }
 
+/* n sequences at once (decode's one-token steps of a layer): as[i] is sequence i, sharing the
+ * cache, its layout and the head counts with the others and with its own blocks and length;
+ * out [n][heads][dv] fp32 = attention of q [n][heads][dk] fp32. One call and one fork for all of
+ * them. avx512: the vector item (needs dk and dv multiples of 16), else the portable one.
+ * Returns 0, -1 if out of memory, -2 if a block id lies outside the cache's rows. */
 static int hm_decode_attention(const hm_attn *as, int n, int avx512, const float *q, float *out, int nthreads) {
     const hm_attn *a = as; /* what the sequences share */
     if (!hm_attn_blocks_ok(as, n)) return -2;

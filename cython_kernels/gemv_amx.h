@@ -162,6 +162,22 @@ HM_AMX static void hm_rows16_bf16_amx(const hm_weight *w, const uint16_t *xp, co
         _tile_dpbf16ps(c, 2, 4);                                              \
     } while (0)
 
+/* The wide kernels' C tiles of G groups (0, 5, 6, 7) zeroed, or stored to cbs[0..G-1]. */
+#define HM_AMX_WIDE_ZERO(G)                                                   \
+    do {                                                                      \
+        _tile_zero(0);                                                        \
+        if ((G) > 1) _tile_zero(5);                                           \
+        if ((G) > 2) _tile_zero(6);                                           \
+        if ((G) > 3) _tile_zero(7);                                           \
+    } while (0)
+#define HM_AMX_WIDE_STORE(G, cbs)                                             \
+    do {                                                                      \
+        _tile_stored(0, (cbs)[0], 64);                                        \
+        if ((G) > 1) _tile_stored(5, (cbs)[1], 64);                           \
+        if ((G) > 2) _tile_stored(6, (cbs)[2], 64);                           \
+        if ((G) > 3) _tile_stored(7, (cbs)[3], 64);                           \
+    } while (0)
+
 /* BF16 rows [r0, r0 + 16) for 17-64 tokens: each pair of A tiles loaded once and multiplied by
  * every group of 16 tokens (C tiles 0, 5, 6, 7). */
 HM_AMX static void hm_rows16_bf16_amx_wide(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, int T,
@@ -172,10 +188,7 @@ HM_AMX static void hm_rows16_bf16_amx_wide(const hm_weight *w, const uint16_t *x
     const size_t gw = (size_t)HM_AMX_MAX_T * (size_t)(w->cols / 2);
     float cb[4][16 * 16] __attribute__((aligned(64)));
     hm_amx_config(HM_AMX_MAX_T);
-    _tile_zero(0);
-    if (G > 1) _tile_zero(5);
-    if (G > 2) _tile_zero(6);
-    if (G > 3) _tile_zero(7);
+    HM_AMX_WIDE_ZERO(G);
     for (int64_t c = 0; c < full; c += 64) {
         hm_bf16_amx_load_a(w, r0, rows, c, full);
         HM_AMX_WIDE_GROUP(0, 0, c / 32);
@@ -183,10 +196,7 @@ HM_AMX static void hm_rows16_bf16_amx_wide(const hm_weight *w, const uint16_t *x
         if (G > 2) HM_AMX_WIDE_GROUP(6, 2, c / 32);
         if (G > 3) HM_AMX_WIDE_GROUP(7, 3, c / 32);
     }
-    _tile_stored(0, cb[0], 64);
-    if (G > 1) _tile_stored(5, cb[1], 64);
-    if (G > 2) _tile_stored(6, cb[2], 64);
-    if (G > 3) _tile_stored(7, cb[3], 64);
+    HM_AMX_WIDE_STORE(G, cb);
     _tile_release();
     for (int g = 0; g < G; g++) {
         const int t0 = g * HM_AMX_MAX_T, n = T - t0 < HM_AMX_MAX_T ? T - t0 : HM_AMX_MAX_T;
@@ -384,10 +394,7 @@ HM_AMX static void hm_rows16_fp8_amx_wide(const hm_weight *w, const uint16_t *xp
             uint16_t(*d)[16 * 32] = a[(k - 1) & 1];
             const int64_t j = (k - 1) * 4; /* first 32-column chunk */
             const int chunks = (k - 1) * 128 + 128 <= full ? 4 : 2;
-            _tile_zero(0);
-            if (G > 1) _tile_zero(5);
-            if (G > 2) _tile_zero(6);
-            if (G > 3) _tile_zero(7);
+            HM_AMX_WIDE_ZERO(G);
             for (int h = 0; h < chunks; h += 2) {
                 _tile_loadd(1, d[h], 64);
                 _tile_loadd(2, d[h + 1], 64);
@@ -396,10 +403,7 @@ HM_AMX static void hm_rows16_fp8_amx_wide(const hm_weight *w, const uint16_t *xp
                 if (G > 2) HM_AMX_WIDE_GROUP(6, 2, j + h);
                 if (G > 3) HM_AMX_WIDE_GROUP(7, 3, j + h);
             }
-            _tile_stored(0, cb[(k - 1) & 1][0], 64);
-            if (G > 1) _tile_stored(5, cb[(k - 1) & 1][1], 64);
-            if (G > 2) _tile_stored(6, cb[(k - 1) & 1][2], 64);
-            if (G > 3) _tile_stored(7, cb[(k - 1) & 1][3], 64);
+            HM_AMX_WIDE_STORE(G, cb[(k - 1) & 1]);
         }
     }
     _tile_release();

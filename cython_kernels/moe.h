@@ -51,7 +51,8 @@ static void *hm_alloc64(size_t n) { return aligned_alloc(64, (n + 63) / 64 * 64)
  * call to call and grown as needed, never shrunk. A buffer of tens of MB fresh from the OS each
  * call cost more than its use: a 1024-token MoE call spent a sixth of its time in the kernel
  * zeroing new pages (clear_page_erms) and a few percent more in page faults. The caller bounds
- * what one call asks for (api.MOE_SCRATCH_BYTES). */
+ * what one call asks for (the MoE call: api.MOE_SCRATCH_BYTES; a GEMV: about its activations'
+ * size). */
 static __thread char *hm_arena;
 static __thread size_t hm_arena_n;
 static void *hm_scratch(size_t n) {
@@ -104,8 +105,9 @@ static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, const 
  * fork and join instead of one per weight (decode's q, k and v projections). Any number of
  * tokens: past HM_MAX_TOKENS they run in segments of that many, each row tile going through all
  * segments while its rows are in cache, so the weights are read from memory once a call (a
- * prefill chunk's FP8 linears, multiplied as stored). Returns 0, -1 if the weights differ in
- * format, group or columns, -2 when out of memory. xp has room for T x cols prepared elements. */
+ * prefill chunk's FP8 linears, multiplied as stored). Returns 0, or -1 if the weights differ in
+ * format, group or columns. xp has room for T x cols prepared elements. The kernel layouts use the
+ * calling thread's arena (hm_scratch), so no caller may hold arena memory across this call. */
 static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x, int T, float *y, void *xp,
                          int nthreads) {
     int64_t ldy = 0, tiles = 0;
@@ -116,22 +118,18 @@ static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x
     }
     const int64_t cols = ws[0].cols;
     hm_prepare_x(variant, ws[0].fmt, x, T, cols, xp);
-    const int S = (T + HM_MAX_TOKENS - 1) / HM_MAX_TOKENS;
-    /* each segment's kernel layout, one after the other in one buffer (none where none applies) */
-    size_t *xoff = malloc(sizeof(size_t) * ((size_t)S + 1));
-    if (!xoff) return -2;
-    xoff[0] = 0;
-    for (int s = 0; s < S; s++) {
-        const int Ts = T - s * HM_MAX_TOKENS < HM_MAX_TOKENS ? T - s * HM_MAX_TOKENS : HM_MAX_TOKENS;
-        xoff[s + 1] = xoff[s] + hm_kernel_xb_bytes(variant, &ws[0], Ts);
-    }
-    char *xb = xoff[S] ? hm_alloc64(xoff[S]) : NULL; /* (out of memory: the AVX-512 path) */
+    /* S segments of HM_MAX_TOKENS tokens, the last one of Tl; their kernel layouts one after the
+     * other in the calling thread's arena, segment s's at s * full bytes (none where none applies;
+     * out of memory: the AVX-512 path) */
+    const int S = (T + HM_MAX_TOKENS - 1) / HM_MAX_TOKENS, Tl = T - (S - 1) * HM_MAX_TOKENS;
+    const size_t full = S > 1 ? hm_kernel_xb_bytes(variant, &ws[0], HM_MAX_TOKENS) : 0,
+                 last = hm_kernel_xb_bytes(variant, &ws[0], Tl);
+    char *xb = full || last ? hm_scratch((size_t)(S - 1) * full + last) : NULL;
     const size_t xp_seg = (size_t)HM_MAX_TOKENS * (size_t)cols * (size_t)hm_xp_elem(variant);
-    const size_t x_seg = (size_t)HM_MAX_TOKENS * (size_t)cols;
-    for (int s = 0; xb && s < S; s++) {
-        const int Ts = T - s * HM_MAX_TOKENS < HM_MAX_TOKENS ? T - s * HM_MAX_TOKENS : HM_MAX_TOKENS;
-        hm_build_kernel_xb_in(&ws[0], (const char *)xp + s * xp_seg, x + s * x_seg, Ts, (uint32_t *)(xb + xoff[s]));
-    }
+    for (int s = 0; xb && s < S; s++)
+        if (s < S - 1 ? full : last)
+            hm_build_kernel_xb_in(&ws[0], (const char *)xp + s * xp_seg, x + (size_t)s * HM_MAX_TOKENS * cols,
+                                  s < S - 1 ? HM_MAX_TOKENS : Tl, (uint32_t *)(xb + s * full));
     /* guided: each thread takes long runs of consecutive tiles first (its reads stay one linear
      * stream, which the prefetchers keep ahead of), then shorter ones to even out the end */
 #pragma omp parallel for schedule(guided) num_threads(nthreads)
@@ -144,15 +142,11 @@ static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x
         }
         const int64_t r0 = (t - first) * HM_ROWS_PER_TILE;
         const int64_t r1 = r0 + HM_ROWS_PER_TILE < ws[i].rows ? r0 + HM_ROWS_PER_TILE : ws[i].rows;
-        for (int s = 0; s < S; s++) {
-            const int Ts = T - s * HM_MAX_TOKENS < HM_MAX_TOKENS ? T - s * HM_MAX_TOKENS : HM_MAX_TOKENS;
+        for (int s = 0; s < S; s++)
             hm_gemv_rows(variant, &ws[i], (const char *)xp + s * xp_seg,
-                         xb && xoff[s + 1] > xoff[s] ? (const uint32_t *)(xb + xoff[s]) : NULL, Ts,
-                         y + (int64_t)s * HM_MAX_TOKENS * ldy + off, ldy, r0, r1);
-        }
+                         xb && (s < S - 1 ? full : last) ? (const uint32_t *)(xb + s * full) : NULL,
+                         s < S - 1 ? HM_MAX_TOKENS : Tl, y + (int64_t)s * HM_MAX_TOKENS * ldy + off, ldy, r0, r1);
     }
-    free(xb);
-    free(xoff);
     return 0;
 }
 

@@ -152,7 +152,7 @@ class KernelLinears:
 
     def __init__(self, max_rows: int, quant_max_rows: int | None = None) -> None:
         self.max_rows = max_rows
-        self.quant_max_rows = max(max_rows, quant_max_rows or 0)
+        self.quant_max_rows = max_rows if quant_max_rows is None else quant_max_rows
         self._bound: dict[tuple[int, ...], api.Gemv | None] = {}  # by the weights' ids (the Gemv holds them)
 
     def f32(self, x: torch.Tensor, ws: tuple[Linear, ...]) -> torch.Tensor | None:
@@ -378,7 +378,7 @@ class ModelRunner:
         y = self._linear_f32(h, (router.weight,))
         return api.softmax_topk(y, router.top_k, router.norm_topk_prob, h.dtype)
 
-    def _linear_f32(self, h: torch.Tensor, ws: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _linear_f32(self, h: torch.Tensor, ws: tuple[Linear, ...]) -> torch.Tensor:
         """fp32 [rows, sum of outputs] of h against ws: one kernel GEMV where it applies, else
         torch (whose outputs, rounded to h's dtype, the decode ops round again to no effect)."""
         y = self.kernel_linears.f32(h, ws) if self.cpu_lm_head else None
