@@ -50,7 +50,16 @@ static inline int hm_amx_applies(const hm_weight *w, int T) {
            && T <= (w->fmt == HM_INT4 ? HM_AMX_MAX_T : HM_AMX_WIDE_T) && w->cols % 2 == 0 && w->cols >= 64;
 }
 
+/* The T this thread's tiles are configured for, 0: none. LDTILECFG and TILERELEASE cost about
+ * 500 cycles a pair, as much as a tile of 16 rows x 2048 INT4 weights' products at 4 tokens, so a
+ * configuration stays loaded from one tile of rows to the next and from one kernel to the next
+ * while T is the same (every kernel zeroes its C tiles itself); hm_amx_release ends it when the
+ * thread's share of a call is done. */
+static __thread int hm_amx_cfg_t = 0;
+
 HM_AMX static void hm_amx_config(int T) {
+    if (hm_amx_cfg_t == T) return;
+    hm_amx_cfg_t = T;
     hm_tilecfg cfg;
     memset(&cfg, 0, sizeof cfg);
     cfg.palette = 1;
@@ -62,6 +71,13 @@ HM_AMX static void hm_amx_config(int T) {
      * (the instruction then faults on a half-written configuration). */
     __asm__ volatile("" : : "r"(&cfg) : "memory");
     _tile_loadconfig(&cfg);
+}
+
+/* Tiles back to their initial state (so that the kernel's context switches save no tile data). */
+HM_AMX static void hm_amx_release(void) {
+    if (!hm_amx_cfg_t) return;
+    hm_amx_cfg_t = 0;
+    _tile_release();
 }
 
 /* v[n] (row r0 + n, lane t = token t) -> y[t * ldy + r0 + n] for t < T: transposed, one 64-byte
@@ -144,7 +160,6 @@ HM_AMX static void hm_rows16_bf16_amx(const hm_weight *w, const uint16_t *xp, co
         _tile_dpbf16ps(0, 2, 4);
     }
     _tile_stored(0, cb, 64);
-    _tile_release();
     const __mmask16 tm = (__mmask16)((1u << T) - 1);
     __m512 tot[16];
     for (int n = 0; n < 16; n++) tot[n] = _mm512_maskz_load_ps(tm, cb + n * 16);
@@ -197,7 +212,6 @@ HM_AMX static void hm_rows16_bf16_amx_wide(const hm_weight *w, const uint16_t *x
         if (G > 3) HM_AMX_WIDE_GROUP(7, 3, c / 32);
     }
     HM_AMX_WIDE_STORE(G, cb);
-    _tile_release();
     for (int g = 0; g < G; g++) {
         const int t0 = g * HM_AMX_MAX_T, n = T - t0 < HM_AMX_MAX_T ? T - t0 : HM_AMX_MAX_T;
         __m512 tot[16];
@@ -358,7 +372,6 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
             _tile_stored(0, cb[(k - 1) & 1], 64);
         }
     }
-    _tile_release();
     hm_amx_store(w, xp, T, tot, y, ldy, r0);
 }
 
@@ -406,7 +419,6 @@ HM_AMX static void hm_rows16_fp8_amx_wide(const hm_weight *w, const uint16_t *xp
             HM_AMX_WIDE_STORE(G, cb[(k - 1) & 1]);
         }
     }
-    _tile_release();
     for (int g = 0; g < G; g++) {
         const int t0 = g * HM_AMX_MAX_T, n = T - t0 < HM_AMX_MAX_T ? T - t0 : HM_AMX_MAX_T;
         hm_amx_store(w, xp + (int64_t)t0 * w->cols, n, tot[g], y + t0 * ldy, ldy, r0);

@@ -215,7 +215,6 @@ HM_AMX static void hm_rows16_int4_amx(const hm_weight *w, const uint16_t *xp, co
             }
         }
     }
-    _tile_release();
     if (T == 1) { /* no column tail: INT4 AMX rows are whole blocks */
         float v[64];
         for (int q = 0; q < (g32 ? 4 : 1); q++) _mm512_storeu_ps(v + 16 * q, tot[q]);
@@ -334,9 +333,28 @@ static inline int hm_int4_amx8_applies(const hm_weight *w, int T) {
 }
 
 /* Words of the AMX-INT8 activation buffer: per block the two B tiles (one per A chunk, 16 x NC
- * dwords), then per block NC column weights and NC column offsets (floats). */
+ * dwords), then per block NC column weights and NC column offsets (floats), then the scale step's
+ * lane tables (hm_amx8_lanes), which depend only on the group and T. */
+#define HM_AMX8_LANE_WORDS (16 * 16 + 16)
 static inline size_t hm_amx8_xb_words(int64_t cols, int group, int T) {
-    return (size_t)(cols / 128) * (size_t)hm_i8_cols(group, T) * 34;
+    return (size_t)(cols / 128) * (size_t)hm_i8_cols(group, T) * 34 + HM_AMX8_LANE_WORDS;
+}
+
+/* C goes out P ints a row (P: NC rounded up to a power of two). Register q of the scale step
+ * holds rows q * 16 / P .. of C, lane l = row l / P's column l % P; its scales come from register
+ * sreg[q] of the block's scales (sf), lane sl[q][l]. Computed once per call, into xb (at 16 rows
+ * a tile, the divisions cost as much as a tile's products). */
+static inline int hm_amx8_p(int NC) {
+    int P = 1;
+    while (P < NC) P *= 2;
+    return P;
+}
+static void hm_amx8_lanes(int G, int T, int32_t sl[16][16], int32_t sreg[16]) {
+    const int P = hm_amx8_p(2 * G * T), R = 16 / P;
+    for (int q = 0; q < 16; q++) {
+        sreg[q] = q < P ? G * q * R / 16 : 0;
+        for (int l = 0; l < 16; l++) sl[q][l] = q < P ? G * (q * R + l / P) + (l % P / T) % G - 16 * sreg[q] : 0;
+    }
 }
 
 static void hm_init_amx8(void) {
@@ -367,12 +385,27 @@ HM_AVX512 static void hm_int4_i8_block(const uint16_t *x16, int G, uint8_t hb[2]
     const float m = _mm512_reduce_max_ps(amax);
     int e = 0;
     if (m > 0.f) {
-        frexpf(m, &e);
-        e -= 15; /* m / 2^e < 2^15 */
-        if (ldexpf(m, -e) > (float)HM_I8_HALF) e++;
+        /* e with m / 2^e <= HM_I8_HALF: from m's exponent field (frexpf and ldexpf, library calls
+         * per block and token, cost a tenth of the preparation) */
+        uint32_t bits;
+        memcpy(&bits, &m, 4);
+        const int field = (int)(bits >> 23);
+        if (field == 0) { /* subnormal */
+            frexpf(m, &e);
+            e -= 15;
+            if (ldexpf(m, -e) > (float)HM_I8_HALF) e++;
+        } else {
+            e = field - 126 - 15; /* m = f 2^(field - 126), f in [0.5, 1): m / 2^e < 2^15 */
+            const uint32_t p2 = (uint32_t)(e + 127) << 23; /* 2^e, a normal float: e >= -140 + 1 */
+            float two_e;
+            memcpy(&two_e, &p2, 4);
+            if (e + 127 >= 1 && m > (float)HM_I8_HALF * two_e) e++;
+            else if (e + 127 < 1 && ldexpf(m, -e) > (float)HM_I8_HALF) e++;
+        }
     }
     const __m512 ne = _mm512_set1_ps((float)-e);
-    gsum[0] = gsum[1] = gsum[2] = gsum[3] = 0.f;
+    __m512i gs[4];
+    for (int q = 0; q < 4; q++) gs[q] = _mm512_setzero_si512();
     for (int c = 0; c < 2; c++)
         for (int q = 0; q < 4; q++) {
             __m512i xi = _mm512_cvtps_epi32(_mm512_scalef_ps(f[c][q], ne)); /* exact scaling, nearest */
@@ -380,8 +413,13 @@ HM_AVX512 static void hm_int4_i8_block(const uint16_t *x16, int G, uint8_t hb[2]
             __m512i l = _mm512_sub_epi32(xi, _mm512_slli_epi32(h, 8));
             _mm_storeu_si128((__m128i *)(hb[c] + 16 * q), _mm512_cvtepi32_epi8(h));
             _mm_storeu_si128((__m128i *)(lb[c] + 16 * q), _mm512_cvtepi32_epi8(l));
-            gsum[G == 4 ? q : 0] += (float)_mm512_reduce_add_epi32(xi); /* positions 16q.. = group q */
+            gs[q] = _mm512_add_epi32(gs[q], xi); /* positions 16q.. = group q */
         }
+    if (G == 4)
+        for (int q = 0; q < 4; q++) gsum[q] = (float)_mm512_reduce_add_epi32(gs[q]);
+    else
+        gsum[0] = (float)_mm512_reduce_add_epi32(_mm512_add_epi32(_mm512_add_epi32(gs[0], gs[1]),
+                                                                  _mm512_add_epi32(gs[2], gs[3])));
     *exp = e;
 }
 
@@ -390,28 +428,37 @@ HM_AVX512 static void hm_int4_i8_block(const uint16_t *x16, int G, uint8_t hb[2]
 HM_AVX512 static void hm_build_xb_int4_i8(const uint16_t *xp, int T, int64_t cols, int group, uint32_t *xb) {
     const int G = hm_i8_groups(group), NC = hm_i8_cols(group, T);
     const int64_t nb = cols / 128;
+    const __mmask16 cm = (__mmask16)((1u << NC) - 1);
     float *W = (float *)(xb + nb * 32 * NC), *O = W + nb * NC;
-    memset(xb, 0, sizeof(uint32_t) * hm_amx8_xb_words(cols, group, T));
-    for (int t = 0; t < T; t++)
-        for (int64_t k = 0; k < nb; k++) {
-            uint8_t hb[2][64], lb[2][64];
+    int32_t *lanes = (int32_t *)(xb + nb * 34 * NC);
+    hm_amx8_lanes(G, T, (int32_t(*)[16])lanes, lanes + 16 * 16);
+    for (int64_t k = 0; k < nb; k++) {
+        /* v[c][col]: column col's 16 quad-rows (dwords) of parity c's B tile, transposed into
+         * rows at the end (at groups of 32, group g's column holds quad-rows 4g..4g+3 only) */
+        __m512i v[2][16];
+        for (int c = 0; c < 2; c++)
+            for (int col = NC; col < 16; col++) v[c][col] = _mm512_setzero_si512();
+        for (int t = 0; t < T; t++) {
+            uint8_t hl[2][2][64] __attribute__((aligned(64))); /* [piece][parity] */
             float gsum[4];
             int e;
-            hm_int4_i8_block(xp + (int64_t)t * cols + k * 128, G, hb, lb, gsum, &e);
+            hm_int4_i8_block(xp + (int64_t)t * cols + k * 128, G, hl[0], hl[1], gsum, &e);
             const float sx = ldexpf(1.f, e);
-            uint32_t *bk = xb + k * 32 * NC;
             for (int piece = 0; piece < 2; piece++)
                 for (int g = 0; g < G; g++) {
                     const int col = (piece * G + g) * T + t;
                     W[k * NC + col] = piece == 0 ? 256.f * sx : sx;
                     O[k * NC + col] = piece == 0 ? 8.f * gsum[g] * sx : 0.f;
-                    for (int c = 0; c < 2; c++) { /* quad-row kk: positions 4kk..4kk+3 (group kk / 4) */
-                        const uint8_t *src = piece == 0 ? hb[c] : lb[c];
-                        for (int kk = (G == 4 ? 4 * g : 0); kk < (G == 4 ? 4 * g + 4 : 16); kk++)
-                            memcpy(bk + (c * 16 + kk) * NC + col, src + 4 * kk, 4);
-                    }
+                    const __mmask16 gm = G == 4 ? (__mmask16)(0xfu << (4 * g)) : (__mmask16)0xffff;
+                    for (int c = 0; c < 2; c++) v[c][col] = _mm512_maskz_loadu_epi32(gm, hl[piece][c]);
                 }
         }
+        uint32_t *bk = xb + k * 32 * NC;
+        for (int c = 0; c < 2; c++) {
+            hm_transpose16(v[c]);
+            for (int kk = 0; kk < 16; kk++) _mm512_mask_storeu_epi32(bk + (c * 16 + kk) * NC, cm, v[c][kk]);
+        }
+    }
 }
 
 #define HM_I8_MUL(CT)                                                                    \
@@ -436,23 +483,16 @@ HM_AVX512 static void hm_build_xb_int4_i8(const uint16_t *xp, int T, int64_t col
 HM_AMX8 static void hm_rows16_int4_amx8(const hm_weight *w, const uint32_t *xb, int T, float *y, int64_t ldy,
                                         int64_t r0) {
     const int G = hm_i8_groups(w->group), NC = hm_i8_cols(w->group, T);
-    int P = 1;
-    while (P < NC) P *= 2;
-    const int R = 16 / P; /* rows per register */
+    const int P = hm_amx8_p(NC);
     const int64_t nb = w->cols / 128, groups = w->cols / w->group;
     const float *W = (const float *)(xb + nb * 32 * NC), *O = W + nb * NC;
+    const int32_t(*sl)[16] = (const int32_t(*)[16])(xb + nb * 34 * NC), *sreg = sl[16];
     const uint16_t *sc = (const uint16_t *)w->scale + r0 * groups;
     const __m512i nib = _mm512_set1_epi8(0x0f);
     const __mmask16 cm = (__mmask16)((1u << NC) - 1);
-    /* lane l -> its column (for the column weights and offsets), and per register q the lane of
-     * sf's register sreg[q] that holds the scale of lane l's (row, group) */
-    int col[16], sl[16][16], sreg[16];
-    for (int l = 0; l < 16; l++) col[l] = l % P;
-    for (int q = 0; q < P; q++) {
-        sreg[q] = G * q * R / 16;
-        for (int l = 0; l < 16; l++) sl[q][l] = G * (q * R + l / P) + (l % P / T) % G - 16 * sreg[q];
-    }
-    const __m512i colv = _mm512_loadu_si512(col);
+    /* lane l -> its column (for the column weights and offsets) */
+    const __m512i colv = _mm512_and_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                          _mm512_set1_epi32(P - 1));
     hm_amx_config(NC);
     uint8_t a[2][2][16 * 64] __attribute__((aligned(64)));
     int32_t cb[2][16 * 16] __attribute__((aligned(64)));
@@ -495,7 +535,6 @@ HM_AMX8 static void hm_rows16_int4_amx8(const hm_weight *w, const uint32_t *xb, 
             else _tile_stored(0, cb[(k - 1) & 1], P * 4);
         }
     }
-    _tile_release();
     float v[16 * 16]; /* v[n * P + column] */
     for (int q = 0; q < P; q++) _mm512_storeu_ps(v + 16 * q, acc[q]);
     __m512 out[16];

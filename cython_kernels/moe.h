@@ -87,6 +87,14 @@ static void hm_build_kernel_xb_in(const hm_weight *w, const void *xp, const floa
 #endif
 }
 
+/* The end of a thread's share of a call's GEMV tiles: its AMX tiles are released (see
+ * hm_amx_config). Every parallel region that runs hm_gemv_rows ends with this. */
+static void hm_gemv_thread_done(void) {
+#if defined(__x86_64__)
+    hm_amx_release();
+#endif
+}
+
 /* xb: NULL (the AVX-512 path then runs), or (avx512_bf16 with AMX or VNNI) the activations in that
  * path's layout, see hm_kernel_xb_bytes. */
 static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, const uint32_t *xb, int T, float *y,
@@ -132,20 +140,24 @@ static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x
                                   s < S - 1 ? HM_MAX_TOKENS : Tl, (uint32_t *)(xb + s * full));
     /* guided: each thread takes long runs of consecutive tiles first (its reads stay one linear
      * stream, which the prefetchers keep ahead of), then shorter ones to even out the end */
-#pragma omp parallel for schedule(guided) num_threads(nthreads)
-    for (int64_t t = 0; t < tiles; t++) {
-        int64_t i = 0, first = 0, off = 0; /* the weight tile t falls in */
-        for (;; i++) {
-            const int64_t nt = (ws[i].rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
-            if (t < first + nt) break;
-            first += nt, off += ws[i].rows;
+#pragma omp parallel num_threads(nthreads)
+    {
+#pragma omp for schedule(guided)
+        for (int64_t t = 0; t < tiles; t++) {
+            int64_t i = 0, first = 0, off = 0; /* the weight tile t falls in */
+            for (;; i++) {
+                const int64_t nt = (ws[i].rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
+                if (t < first + nt) break;
+                first += nt, off += ws[i].rows;
+            }
+            const int64_t r0 = (t - first) * HM_ROWS_PER_TILE;
+            const int64_t r1 = r0 + HM_ROWS_PER_TILE < ws[i].rows ? r0 + HM_ROWS_PER_TILE : ws[i].rows;
+            for (int s = 0; s < S; s++)
+                hm_gemv_rows(variant, &ws[i], (const char *)xp + s * xp_seg,
+                             xb && (s < S - 1 ? full : last) ? (const uint32_t *)(xb + s * full) : NULL,
+                             s < S - 1 ? HM_MAX_TOKENS : Tl, y + (int64_t)s * HM_MAX_TOKENS * ldy + off, ldy, r0, r1);
         }
-        const int64_t r0 = (t - first) * HM_ROWS_PER_TILE;
-        const int64_t r1 = r0 + HM_ROWS_PER_TILE < ws[i].rows ? r0 + HM_ROWS_PER_TILE : ws[i].rows;
-        for (int s = 0; s < S; s++)
-            hm_gemv_rows(variant, &ws[i], (const char *)xp + s * xp_seg,
-                         xb && (s < S - 1 ? full : last) ? (const uint32_t *)(xb + s * full) : NULL,
-                         s < S - 1 ? HM_MAX_TOKENS : Tl, y + (int64_t)s * HM_MAX_TOKENS * ldy + off, ldy, r0, r1);
+        hm_gemv_thread_done();
     }
     return 0;
 }
@@ -335,6 +347,7 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
                 }
             }
         }
+        hm_gemv_thread_done();
     }
     rc = 0;
 done:
