@@ -333,11 +333,12 @@ static inline int hm_int4_amx8_applies(const hm_weight *w, int T) {
 }
 
 /* Words of the AMX-INT8 activation buffer: per block the two B tiles (one per A chunk, 16 x NC
- * dwords), then per block NC column weights and NC column offsets (floats), then the scale step's
- * lane tables (hm_amx8_lanes), which depend only on the group and T. */
+ * dwords), then per block the column weights and then the column offsets as the scale step's
+ * registers hold C (16 floats each: lane l, column l % P, zero past NC), then the scale step's lane
+ * tables (hm_amx8_lanes), which depend only on the group and T. */
 #define HM_AMX8_LANE_WORDS (16 * 16 + 16)
 static inline size_t hm_amx8_xb_words(int64_t cols, int group, int T) {
-    return (size_t)(cols / 128) * (size_t)hm_i8_cols(group, T) * 34 + HM_AMX8_LANE_WORDS;
+    return (size_t)(cols / 128) * ((size_t)hm_i8_cols(group, T) * 32 + 32) + HM_AMX8_LANE_WORDS;
 }
 
 /* C goes out P ints a row (P: NC rounded up to a power of two). Register q of the scale step
@@ -429,8 +430,9 @@ HM_AVX512 static void hm_build_xb_int4_i8(const uint16_t *xp, int T, int64_t col
     const int G = hm_i8_groups(group), NC = hm_i8_cols(group, T);
     const int64_t nb = cols / 128;
     const __mmask16 cm = (__mmask16)((1u << NC) - 1);
-    float *W = (float *)(xb + nb * 32 * NC), *O = W + nb * NC;
-    int32_t *lanes = (int32_t *)(xb + nb * 34 * NC);
+    const int P = hm_amx8_p(NC);
+    float *W = (float *)(xb + nb * 32 * NC), *O = W + nb * 16;
+    int32_t *lanes = (int32_t *)(O + nb * 16);
     hm_amx8_lanes(G, T, (int32_t(*)[16])lanes, lanes + 16 * 16);
     for (int64_t k = 0; k < nb; k++) {
         /* v[c][col]: column col's 16 quad-rows (dwords) of parity c's B tile, transposed into
@@ -438,6 +440,7 @@ HM_AVX512 static void hm_build_xb_int4_i8(const uint16_t *xp, int T, int64_t col
         __m512i v[2][16];
         for (int c = 0; c < 2; c++)
             for (int col = NC; col < 16; col++) v[c][col] = _mm512_setzero_si512();
+        float wk[16] = {0}, ok[16] = {0}; /* per column */
         for (int t = 0; t < T; t++) {
             uint8_t hl[2][2][64] __attribute__((aligned(64))); /* [piece][parity] */
             float gsum[4];
@@ -447,12 +450,13 @@ HM_AVX512 static void hm_build_xb_int4_i8(const uint16_t *xp, int T, int64_t col
             for (int piece = 0; piece < 2; piece++)
                 for (int g = 0; g < G; g++) {
                     const int col = (piece * G + g) * T + t;
-                    W[k * NC + col] = piece == 0 ? 256.f * sx : sx;
-                    O[k * NC + col] = piece == 0 ? 8.f * gsum[g] * sx : 0.f;
+                    wk[col] = piece == 0 ? 256.f * sx : sx;
+                    ok[col] = piece == 0 ? 8.f * gsum[g] * sx : 0.f;
                     const __mmask16 gm = G == 4 ? (__mmask16)(0xfu << (4 * g)) : (__mmask16)0xffff;
                     for (int c = 0; c < 2; c++) v[c][col] = _mm512_maskz_loadu_epi32(gm, hl[piece][c]);
                 }
         }
+        for (int l = 0; l < 16; l++) W[k * 16 + l] = wk[l % P], O[k * 16 + l] = ok[l % P];
         uint32_t *bk = xb + k * 32 * NC;
         for (int c = 0; c < 2; c++) {
             hm_transpose16(v[c]);
@@ -480,26 +484,23 @@ HM_AVX512 static void hm_build_xb_int4_i8(const uint16_t *xp, int T, int64_t col
  * register per row (4 tokens at groups of 128: 8 registers against 16, 19 -> 16 cycles per 64
  * weight bytes in L2). Register q, lane l: row q * 16 / P + l / P, column l % P; lanes past NC
  * meet zero column weights and offsets, so whatever the store left there adds nothing. */
-HM_AMX8 static void hm_rows16_int4_amx8(const hm_weight *w, const uint32_t *xb, int T, float *y, int64_t ldy,
-                                        int64_t r0) {
-    const int G = hm_i8_groups(w->group), NC = hm_i8_cols(w->group, T);
-    const int P = hm_amx8_p(NC);
+HM_AMX8 static inline __attribute__((always_inline)) void hm_rows16_int4_amx8_gp(
+    const hm_weight *w, const uint32_t *xb, int T, float *y, int64_t ldy, int64_t r0, const int G, const int P) {
+    const int NC = hm_i8_cols(w->group, T);
     const int64_t nb = w->cols / 128, groups = w->cols / w->group;
-    const float *W = (const float *)(xb + nb * 32 * NC), *O = W + nb * NC;
-    const int32_t(*sl)[16] = (const int32_t(*)[16])(xb + nb * 34 * NC), *sreg = sl[16];
+    const float *W = (const float *)(xb + nb * 32 * NC), *O = W + nb * 16;
+    const int32_t(*sl)[16] = (const int32_t(*)[16])(O + nb * 16), *sreg = sl[16];
     const uint16_t *sc = (const uint16_t *)w->scale + r0 * groups;
     const __m512i nib = _mm512_set1_epi8(0x0f);
-    const __mmask16 cm = (__mmask16)((1u << NC) - 1);
-    /* lane l -> its column (for the column weights and offsets) */
-    const __m512i colv = _mm512_and_si512(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                          _mm512_set1_epi32(P - 1));
     hm_amx_config(NC);
     uint8_t a[2][2][16 * 64] __attribute__((aligned(64)));
     int32_t cb[2][16 * 16] __attribute__((aligned(64)));
     uint16_t stage[HM_INT4_SCALE_STAGE * 16 * 4] __attribute__((aligned(64)));
     float sf[64] __attribute__((aligned(64)));
     __m512 acc[16];
-    for (int q = 0; q < 16; q++) acc[q] = _mm512_setzero_ps();
+    /* the lane tables in registers (P constant: up to 8 of them beside the P sums) */
+    __m512i slv[16];
+    for (int q = 0; q < P; q++) acc[q] = _mm512_setzero_ps(), slv[q] = _mm512_loadu_si512(sl[q]);
     for (int64_t k = 0; k <= nb + 1; k++) {
         hm_prefetch_next_heads(w, r0, w->cols / 2, k, nb);
         if (k >= 1 && k <= nb) { /* multiply block k - 1 */
@@ -512,11 +513,10 @@ HM_AMX8 static void hm_rows16_int4_amx8(const hm_weight *w, const uint32_t *xb, 
         if (k >= 2) { /* scale block k - 2 */
             const int64_t kb = k - 2;
             hm_int4_block_scales(sc, groups, nb, kb, G, stage, sf);
-            const __m512 wr = _mm512_permutexvar_ps(colv, _mm512_maskz_loadu_ps(cm, W + kb * NC));
-            const __m512 orr = _mm512_permutexvar_ps(colv, _mm512_maskz_loadu_ps(cm, O + kb * NC));
+            const __m512 wr = _mm512_load_ps(W + kb * 16), orr = _mm512_load_ps(O + kb * 16);
             const int32_t *c = cb[k & 1];
             for (int q = 0; q < P; q++) {
-                const __m512 sv = _mm512_permutexvar_ps(_mm512_loadu_si512(sl[q]), _mm512_load_ps(sf + 16 * sreg[q]));
+                const __m512 sv = _mm512_permutexvar_ps(slv[q], _mm512_load_ps(sf + 16 * (G == 1 ? 0 : sreg[q])));
                 const __m512 v = _mm512_cvtepi32_ps(_mm512_load_epi32(c + 16 * q));
                 acc[q] = _mm512_fmadd_ps(_mm512_fmsub_ps(v, wr, orr), sv, acc[q]);
             }
@@ -545,6 +545,19 @@ HM_AMX8 static void hm_rows16_int4_amx8(const hm_weight *w, const uint32_t *xb, 
         out[n] = _mm512_loadu_ps(s);
     }
     hm_store_rows16(out, T, y, ldy, r0);
+}
+
+/* One instance per (groups per block, P) that hm_int4_amx8_applies admits: with both constant the
+ * scale step's loop unrolls and its lane tables stay in registers. */
+HM_AMX8 static void hm_rows16_int4_amx8(const hm_weight *w, const uint32_t *xb, int T, float *y, int64_t ldy,
+                                        int64_t r0) {
+    const int G = hm_i8_groups(w->group), P = hm_amx8_p(hm_i8_cols(w->group, T));
+    if (G == 1 && P == 2) hm_rows16_int4_amx8_gp(w, xb, T, y, ldy, r0, 1, 2);
+    else if (G == 1 && P == 4) hm_rows16_int4_amx8_gp(w, xb, T, y, ldy, r0, 1, 4);
+    else if (G == 1 && P == 8) hm_rows16_int4_amx8_gp(w, xb, T, y, ldy, r0, 1, 8);
+    else if (G == 1) hm_rows16_int4_amx8_gp(w, xb, T, y, ldy, r0, 1, 16);
+    else if (P == 8) hm_rows16_int4_amx8_gp(w, xb, T, y, ldy, r0, 4, 8);
+    else hm_rows16_int4_amx8_gp(w, xb, T, y, ldy, r0, 4, 16);
 }
 
 #endif
