@@ -1,9 +1,9 @@
 """``hybridmoe bench kernels``: the CPU kernels against this machine's memory bandwidth and torch.
 
-Everything is measured in one run: the memory-read bandwidth first (all threads), then each
-format x shape x token count, reported as GB/s of weights read, the fraction of the measured
-bandwidth, and the speed ratio against torch on the same problem (dequantized BF16 weights, and
-FP32). Enough distinct weight copies are cycled through that no call finds its weights in cache.
+Everything is measured in one run: the machine's memory-read bandwidth first (all threads), then
+each format x shape x token count, reported as GB/s of weights read, the fraction of the bandwidth
+at which a plain read of the same bytes ran just before and after (read_bandwidth), and the speed
+ratio against torch on the same problem (dequantized BF16 weights, and FP32). Enough distinct weight copies are cycled through that no call finds its weights in cache.
 The kernels are called bound to their weights (api.Gemv, api.Experts), as the decode service
 calls them: a call checks only its activations.
 """
@@ -64,13 +64,38 @@ def memory_bandwidth(threads: int) -> float:
     """GB/s read with all threads from a buffer of 1 GiB or twice the last-level cache, whichever
     is larger: the best of three passes by each of two readers, torch's sum and a plain C sum
     prefetched into L2 as the kernels are (7-15 % faster than torch's on the machine these figures
-    come from). This is the roofline the kernels are held to; the best, because a shared
-    machine's noise only ever lowers it."""
+    come from); the best, because a shared machine's noise only ever lowers it. The machine's
+    figure, printed first; each problem is held to ``read_bandwidth`` of its own bytes."""
     torch.set_num_threads(threads)
-    buf = torch.ones(max(1 << 27, 2 * _last_level_cache_bytes() // 8), dtype=torch.int64)
+    buf = torch.ones(max(1 << 30, 2 * _last_level_cache_bytes()) // 8, dtype=torch.int64)
     n = buf.numel() * 8
     readers = (lambda i: buf.sum(), lambda i: _kernels.read_sum(buf.data_ptr(), n, threads))
     return max(n / _time(f, 1, 0.5) / 1e9 for f in readers for _ in range(3))
+
+
+def read_bandwidth(tensors: list[torch.Tensor], threads: int) -> float:
+    """GB/s of the C sum reading these tensors' bytes one after the other, all threads, best of
+    two passes: the roofline of a problem whose kernel reads the same bytes. On a shared VM the
+    machine's bandwidth drifts by a fifth over the minutes of a run (26-35 GB/s on the one these
+    figures come from) and from buffer to buffer by as much (in one process a plain read of 1 GiB
+    of weight copies ran at 26.5-27.5 GB/s while one 1 GiB buffer read 32; in another the order
+    was reversed), so a roofline read once, elsewhere, moved the same build's fractions by a tenth
+    from run to run."""
+    spans = [(t.data_ptr(), t.numel() * t.element_size() // 8 * 8) for t in tensors]
+    total = sum(n for _, n in spans)
+
+    def once(i: int = 0) -> None:
+        for ptr, n in spans:
+            _kernels.read_sum(ptr, n, threads)
+
+    return max(total / _time(once, 1, 0.05) / 1e9 for _ in range(2))
+
+
+def _beside(read, timed):
+    """timed()'s result, and read() just before and just after it (the larger)."""
+    before = read()
+    result = timed()
+    return result, max(before, read())
 
 
 def _paths(variant: str) -> dict[str, bool]:
@@ -80,7 +105,11 @@ def _paths(variant: str) -> dict[str, bool]:
             "vnni": on and _kernels.vnni_enabled(), "fp16": on and _kernels.fp16_enabled()}
 
 
-def bench_gemv(fmt: str, shape: tuple[int, int], bw: float, threads: int, variant: str) -> list[dict]:
+def _bytes_of(ws: list[QuantWeight]) -> list[torch.Tensor]:
+    return [t for w in ws for t in (w.data, w.scale) if t is not None]
+
+
+def bench_gemv(fmt: str, shape: tuple[int, int], threads: int, variant: str) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     one = quantize(torch.randn(shape, generator=g).bfloat16() if fmt == "dense" else torch.randn(shape, generator=g),
                    fmt)
@@ -98,18 +127,18 @@ def bench_gemv(fmt: str, shape: tuple[int, int], bw: float, threads: int, varian
         x = torch.randn(T, shape[1], generator=g)
         xb = x.bfloat16()
         out = torch.empty(T, shape[0])
-        t_k = _time(lambda i, x=x, out=out: bound[i](x, out), len(ws))
+        t_k, local = _beside(lambda: read_bandwidth(_bytes_of(ws), threads),
+                             lambda x=x, out=out: _time(lambda i: bound[i](x, out), len(ws)))
         t_b = _time(lambda i, xb=xb: torch.matmul(xb, bf16[i].T), len(bf16))
         t_f = _time(lambda i, x=x: torch.matmul(x, fp32[i].T), len(fp32))
         gbps = one.nbytes / t_k / 1e9
         rows.append({"kind": "gemv", "format": fmt, "shape": list(shape), "tokens": T, "us": t_k * 1e6,
-                     "gbps": gbps, "fraction_of_bandwidth": gbps / bw,
+                     "gbps": gbps, "bandwidth_gbps": local, "fraction_of_bandwidth": gbps / local,
                      "vs_torch_bf16": t_b / t_k, "vs_torch_fp32": t_f / t_k})
     return rows
 
 
-def bench_moe(fmt: str, E: int | None, I: int, D: int, top_k: int, bw: float, threads: int,
-              variant: str) -> list[dict]:
+def bench_moe(fmt: str, E: int | None, I: int, D: int, top_k: int, threads: int, variant: str) -> list[dict]:
     """``E`` experts, or (None) enough that top-k touches a fraction (at least 32) and the layer
     is twice the last-level cache."""
     g = torch.Generator().manual_seed(1)
@@ -128,7 +157,8 @@ def bench_moe(fmt: str, E: int | None, I: int, D: int, top_k: int, bw: float, th
     def stack(q: QuantWeight) -> QuantWeight:  # one expert repeated E times: only where the bytes are matters
         return QuantWeight(fmt, rep(q.data), rep(q.scale), (E, *q.shape))
 
-    layer = api.Experts(stack(one["gate"]), stack(one["up"]), stack(one["down"]), threads=threads, variant=variant)
+    stacked = [stack(one["gate"]), stack(one["up"]), stack(one["down"])]
+    layer = api.Experts(*stacked, threads=threads, variant=variant)
     rows = []
     for T in TOKENS:
         x = torch.randn(T, D, generator=g)
@@ -137,11 +167,12 @@ def bench_moe(fmt: str, E: int | None, I: int, D: int, top_k: int, bw: float, th
         def call(i: int, x=x, r=routings, w=weights) -> None:
             layer(x, r[i], w)
 
-        t = _time(call, 16)
+        t, local = _beside(lambda: read_bandwidth(_bytes_of(stacked), threads), lambda call=call: _time(call, 16))
         touched = sum(len(r.unique()) for r in routings) / len(routings) * per_expert
         gbps = touched / t / 1e9
         rows.append({"kind": "moe_layer", "format": fmt, "experts": E, "shape": [I, D], "top_k": top_k,
-                     "tokens": T, "us": t * 1e6, "gbps": gbps, "fraction_of_bandwidth": gbps / bw})
+                     "tokens": T, "us": t * 1e6, "gbps": gbps, "bandwidth_gbps": local,
+                     "fraction_of_bandwidth": gbps / local})
     return rows
 
 
@@ -159,16 +190,16 @@ def run(json_path: str | None = None, threads: int | None = None, quick: bool = 
     shapes = dict(list(SHAPES.items())[:1]) if quick else SHAPES
     for fmt in FORMATS:
         for name, shape in shapes.items():
-            for r in bench_gemv(fmt, shape, bw, threads, variant):
+            for r in bench_gemv(fmt, shape, threads, variant):
                 results.append({**r, "name": name})
                 print(f"gemv {fmt:10s} {name:22s} T={r['tokens']:2d} {r['us']:9.1f} us {r['gbps']:6.1f} GB/s "
-                      f"{r['fraction_of_bandwidth']:5.2f} of bw  x{r['vs_torch_bf16']:.2f} torch-bf16 "
+                      f"{r['fraction_of_bandwidth']:5.2f} of {r['bandwidth_gbps']:4.1f}  x{r['vs_torch_bf16']:.2f} torch-bf16 "
                       f"x{r['vs_torch_fp32']:.2f} torch-fp32")
     for fmt in FORMATS[:2]:
-        for r in bench_moe(fmt, 16 if quick else None, 2048, 7168, 8, bw, threads, variant):
+        for r in bench_moe(fmt, 16 if quick else None, 2048, 7168, 8, threads, variant):
             results.append(r)
             print(f"moe  {fmt:10s} E={r['experts']} top-{r['top_k']} 2048x7168 T={r['tokens']:2d} "
-                  f"{r['us']:9.1f} us {r['gbps']:6.1f} GB/s {r['fraction_of_bandwidth']:5.2f} of bw")
+                  f"{r['us']:9.1f} us {r['gbps']:6.1f} GB/s {r['fraction_of_bandwidth']:5.2f} of {r['bandwidth_gbps']:4.1f}")
     report = {"variant": variant, "paths": paths, "threads": threads, "memory_bandwidth_gbps": bw,
               "results": results}
     if json_path:

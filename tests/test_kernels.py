@@ -440,6 +440,35 @@ def test_read_sum_is_exact_over_sizes_and_threads():
             assert _kernels.read_sum(b.data_ptr(), 8 * n, threads) == b[:n].sum().item()
 
 
+def test_kernel_bench_holds_each_problem_to_a_read_of_its_own_bytes(monkeypatch):
+    """``hybridmoe bench kernels``' bookkeeping: each record's fraction is of the bandwidth at which
+    a plain read of the same weight copies ran beside it, which the record reports."""
+    from cython_kernels import bench
+
+    quick = bench._time
+    reads = []
+    real_read = bench.read_bandwidth
+
+    def read(tensors, threads):
+        reads.append(sum(t.numel() * t.element_size() for t in tensors))
+        return real_read(tensors, threads)
+
+    monkeypatch.setattr(bench, "COPY_BYTES", 1 << 20)
+    monkeypatch.setattr(bench, "_time", lambda fn, copies, min_seconds=0.3: quick(fn, copies, 0.005))
+    monkeypatch.setattr(bench, "read_bandwidth", read)
+    rows = bench.bench_gemv("int4_g128", (64, 256), 2, cython_kernels.VARIANT)
+    assert [r["tokens"] for r in rows] == list(bench.TOKENS)
+    one = 64 * 256 // 2 + 64 * 2 * 2  # an INT4 g128 copy: nibbles and bf16 scales
+    assert reads == [(1 << 20) // one * one] * (2 * len(bench.TOKENS))  # before and after each, every copy
+    for r in rows:
+        assert r["bandwidth_gbps"] > 0
+        assert r["fraction_of_bandwidth"] == pytest.approx(r["gbps"] / r["bandwidth_gbps"])
+    reads.clear()
+    rows = bench.bench_moe("int4_g128", 8, 128, 256, 2, 2, cython_kernels.VARIANT)
+    assert len(reads) == 2 * len(bench.TOKENS) and all(r["bandwidth_gbps"] > 0 for r in rows)
+    assert all(r["fraction_of_bandwidth"] == pytest.approx(r["gbps"] / r["bandwidth_gbps"]) for r in rows)
+
+
 @BF16
 @pytest.mark.parametrize("rows", [1, 5, 13, 37, 132])
 def test_fp8_one_token_rows(amx_switch, rows):
