@@ -155,14 +155,51 @@ def test_weight_store_publish_attach_reuse_unlink(tiny_models, tmp_path, quant):
         weight_store.attach(tmp_path / "nothing.json")
 
 
-def test_weight_store_quantizes_at_publish_time(tiny_models, tmp_path):
+def test_weight_store_quantizes_at_publish_time(tiny_models, tmp_path, monkeypatch):
+    """Experts are written into their segment one at a time (the stacked loader is never called,
+    so no layer's experts are held twice), and equal, bit for bit, the stack quantized whole."""
+    from shared.checkpoint import Checkpoint, load_spec
+    from shared.model import family_of
+    from shared.quant import quantize
+
     path = tiny_models["tiny-mixtral", "bf16"]
+    ckpt = Checkpoint(path)
+    fam = family_of(ckpt.config)
+    spec = next(s for s in fam.weight_specs(fam.args_from_config(ckpt.config)) if s.role == "experts")
+    want = quantize(load_spec(ckpt, spec, torch.bfloat16).data, "fp8_b128")
+
+    def no_stack(*args, **kwargs):
+        raise AssertionError("publish loaded a whole stack of experts")
+
+    monkeypatch.setattr(Checkpoint, "experts", no_stack)
     manifest = weight_store.publish(path, tmp_path / "w.json", namespace=f"q{os.getpid()}", quant="fp8")
     try:
         a = weight_store.attach(tmp_path / "w.json")
+        assert manifest["tensors"][spec.name]["fmt"] == "fp8_b128"
+        assert manifest["tensors"][spec.name]["shape"] == list(spec.shape)
+        got = a.weights[spec.name]
+        assert got.fmt == "fp8_b128" and got.shape == tuple(spec.shape)
+        assert torch.equal(got.data.view(torch.uint8), want.data.view(torch.uint8))
+        assert torch.equal(got.scale, want.scale)
         assert a.build().layers[0].ffn.experts.fmt == "fp8_b128"
     finally:
         weight_store.unlink(manifest)
+
+
+def test_weight_store_rejects_experts_of_mixed_formats(tiny_models):
+    from shared.checkpoint import Checkpoint, CheckpointError
+    from shared.model import family_of
+    from shared.quant import quantize
+
+    ckpt = Checkpoint(tiny_models["tiny-qwen3-moe", "fp8"])
+    fam = family_of(ckpt.config)
+    spec = next(s for s in fam.weight_specs(fam.args_from_config(ckpt.config)) if s.role == "experts")
+    experts = weight_store._Experts(ckpt, spec, torch.bfloat16, "")
+    real = experts._load
+    experts._load = lambda e: real(e) if e != 2 else quantize(torch.randn(spec.shape[1:]), "int4_g32")
+    views = {n: torch.empty(shape, dtype=dt) for n, dt, shape in experts.parts()}
+    with pytest.raises(CheckpointError, match=r"expert weight .* is int4_g32 .* must share one format"):
+        experts.write(views)
 
 
 @pytest.mark.gpu
