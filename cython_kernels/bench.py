@@ -3,9 +3,10 @@
 Everything is measured in one run: the machine's memory-read bandwidth first (all threads), then
 each format x shape x token count, reported as GB/s of weights read, the fraction of the bandwidth
 at which a plain read of the same bytes ran just before and after (read_bandwidth), and the speed
-ratio against torch on the same problem (dequantized BF16 weights, and FP32). Enough distinct weight copies are cycled through that no call finds its weights in cache.
-The kernels are called bound to their weights (api.Gemv, api.Experts), as the decode service
-calls them: a call checks only its activations.
+ratio against torch on the same problem (dequantized BF16 weights, and FP32). Enough distinct
+weight copies are cycled through that no call finds its weights in cache. The kernels are called
+bound to their weights (api.Gemv, api.Experts), as the decode service calls them: a call checks
+only its activations.
 """
 
 from __future__ import annotations
@@ -193,13 +194,14 @@ def run(json_path: str | None = None, threads: int | None = None, quick: bool = 
             for r in bench_gemv(fmt, shape, threads, variant):
                 results.append({**r, "name": name})
                 print(f"gemv {fmt:10s} {name:22s} T={r['tokens']:2d} {r['us']:9.1f} us {r['gbps']:6.1f} GB/s "
-                      f"{r['fraction_of_bandwidth']:5.2f} of {r['bandwidth_gbps']:4.1f}  x{r['vs_torch_bf16']:.2f} torch-bf16 "
-                      f"x{r['vs_torch_fp32']:.2f} torch-fp32")
+                      f"{r['fraction_of_bandwidth']:5.2f} of {r['bandwidth_gbps']:4.1f}  "
+                      f"x{r['vs_torch_bf16']:.2f} torch-bf16 x{r['vs_torch_fp32']:.2f} torch-fp32")
     for fmt in FORMATS[:2]:
         for r in bench_moe(fmt, 16 if quick else None, 2048, 7168, 8, threads, variant):
             results.append(r)
             print(f"moe  {fmt:10s} E={r['experts']} top-{r['top_k']} 2048x7168 T={r['tokens']:2d} "
-                  f"{r['us']:9.1f} us {r['gbps']:6.1f} GB/s {r['fraction_of_bandwidth']:5.2f} of {r['bandwidth_gbps']:4.1f}")
+                  f"{r['us']:9.1f} us {r['gbps']:6.1f} GB/s "
+                  f"{r['fraction_of_bandwidth']:5.2f} of {r['bandwidth_gbps']:4.1f}")
     report = {"variant": variant, "paths": paths, "threads": threads, "memory_bandwidth_gbps": bw,
               "results": results}
     if json_path:

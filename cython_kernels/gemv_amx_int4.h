@@ -386,23 +386,15 @@ HM_AVX512 static void hm_int4_i8_block(const uint16_t *x16, int G, uint8_t hb[2]
     const float m = _mm512_reduce_max_ps(amax);
     int e = 0;
     if (m > 0.f) {
-        /* e with m / 2^e <= HM_I8_HALF: from m's exponent field (frexpf and ldexpf, library calls
-         * per block and token, cost a tenth of the preparation) */
+        /* m = f 2^x, f in [0.5, 1): x from m's exponent field (frexpf, a library call per block
+         * and token, cost a tenth of the preparation; kept for subnormals), e = x - 15 so that
+         * m / 2^e < 2^15, one more where that exceeds HM_I8_HALF (scalef: exact) */
         uint32_t bits;
         memcpy(&bits, &m, 4);
-        const int field = (int)(bits >> 23);
-        if (field == 0) { /* subnormal */
-            frexpf(m, &e);
-            e -= 15;
-            if (ldexpf(m, -e) > (float)HM_I8_HALF) e++;
-        } else {
-            e = field - 126 - 15; /* m = f 2^(field - 126), f in [0.5, 1): m / 2^e < 2^15 */
-            const uint32_t p2 = (uint32_t)(e + 127) << 23; /* 2^e, a normal float: e >= -140 + 1 */
-            float two_e;
-            memcpy(&two_e, &p2, 4);
-            if (e + 127 >= 1 && m > (float)HM_I8_HALF * two_e) e++;
-            else if (e + 127 < 1 && ldexpf(m, -e) > (float)HM_I8_HALF) e++;
-        }
+        if (bits >> 23) e = (int)(bits >> 23) - 126;
+        else frexpf(m, &e);
+        e -= 15;
+        if (_mm_cvtss_f32(_mm_scalef_ss(_mm_set_ss(m), _mm_set_ss((float)-e))) > (float)HM_I8_HALF) e++;
     }
     const __m512 ne = _mm512_set1_ps((float)-e);
     __m512i gs[4];
