@@ -142,7 +142,7 @@ static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x
      * stream, which the prefetchers keep ahead of), then shorter ones to even out the end */
 #pragma omp parallel num_threads(nthreads)
     {
-#pragma omp for schedule(guided)
+#pragma omp for schedule(guided) nowait
         for (int64_t t = 0; t < tiles; t++) {
             int64_t i = 0, first = 0, off = 0; /* the weight tile t falls in */
             for (;; i++) {
@@ -330,7 +330,7 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
                                       (int)(seg[s + 1] - seg[s]), xbd[s]);
         }
         /* 3: down for every block of D rows over all segments; a tile owns its output rows. */
-#pragma omp for schedule(guided)
+#pragma omp for schedule(guided) nowait
         for (int64_t tile = 0; tile < dt; tile++) {
             const int64_t r0 = tile * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < D ? r0 + HM_ROWS_PER_TILE : D;
             for (int64_t a = 0; a < na; a++) {
