@@ -87,6 +87,20 @@ static void hm_build_kernel_xb_in(const hm_weight *w, const void *xp, const floa
 #endif
 }
 
+/* The first HM_HEAD_PF bytes of rows r0.. of w (contiguous) into L2, ahead of a kernel that will
+ * start there: the kernels prefetch their own rows a few KB ahead, so where a thread moves from one
+ * weight's rows to another's (a MoE tile's gate rows to its up rows; the down projection's tile of
+ * rows from one expert to the next, every 32 KB at DeepSeek-V3's FP8 shapes) the other's first
+ * lines came from DRAM on demand. Measured, top-8 layer at one token, alternating runs: FP8
+ * 15.3-15.5 against 16.1-17.1 ms, INT4 g128 7.4-7.6 against 7.6-7.7 ms. */
+#define HM_HEAD_PF 4096
+static inline void hm_prefetch_rows_head(const hm_weight *w, int64_t r0) {
+    const int64_t rb = w->fmt == HM_DENSE_BF16 ? 2 * w->cols : w->fmt == HM_FP8_B128 ? w->cols : w->cols / 2;
+    const int64_t left = (w->rows - r0) * rb;
+    const char *p = (const char *)w->data + r0 * rb;
+    for (int64_t off = 0; off < HM_HEAD_PF && off < left; off += 64) __builtin_prefetch(p + off, 0, 2);
+}
+
 /* The end of a thread's share of a call's GEMV tiles: its AMX tiles are released (see
  * hm_amx_config). Every parallel region that runs hm_gemv_rows ends with this. */
 static void hm_gemv_thread_done(void) {
@@ -309,6 +323,7 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
             const int64_t a = tile / it;
             const int64_t r0 = (tile % it) * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < I ? r0 + HM_ROWS_PER_TILE : I;
             const hm_weight wg = hm_expert(gate, act[a]), wu = hm_expert(up, act[a]);
+            hm_prefetch_rows_head(&wu, r0);
             for (int64_t s = aseg[a]; s < aseg[a + 1]; s++) {
                 const int64_t p0 = seg[s];
                 const int te = (int)(seg[s + 1] - p0);
@@ -335,6 +350,10 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
             const int64_t r0 = tile * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < D ? r0 + HM_ROWS_PER_TILE : D;
             for (int64_t a = 0; a < na; a++) {
                 const hm_weight wd = hm_expert(down, act[a]);
+                if (a + 1 < na || r1 < D) { /* the next expert's rows here, or the first's of the next tile */
+                    const hm_weight wn = hm_expert(down, act[a + 1 < na ? a + 1 : 0]);
+                    hm_prefetch_rows_head(&wn, a + 1 < na ? r0 : r1);
+                }
                 for (int64_t s = aseg[a]; s < aseg[a + 1]; s++) {
                     const int64_t p0 = seg[s];
                     const int te = (int)(seg[s + 1] - p0);
