@@ -91,10 +91,6 @@ class _Experts:
                 w = quantize(w.data, self.fmt)
         return w
 
-    @property
-    def quant(self) -> QuantWeight:  # the stack's format and shape, for the manifest
-        return QuantWeight(self.first.fmt, self.first.data[None], None, (len(self.prefixes), *self.spec.shape[1:]))
-
     def parts(self) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
         n, f = len(self.prefixes), self.first
         out = [(f"{self.name}#data", f.data.dtype, (n, *f.data.shape))]
@@ -165,9 +161,10 @@ def _write_segment(name: str, group: list[_Entry | _Experts], manifest: dict, in
         shm.close_fd()
     manifest["segments"].append({"name": name, "size": max(size, ALIGN)})
     for e in group:
-        v = e.quant if isinstance(e, _Experts) else e.value
-        if isinstance(v, QuantWeight):
-            manifest["tensors"][e.name] = {"fmt": v.fmt, "shape": list(v.shape)}
+        if isinstance(e, _Experts):
+            manifest["tensors"][e.name] = {"fmt": e.first.fmt, "shape": [len(e.prefixes), *e.spec.shape[1:]]}
+        elif isinstance(e.value, QuantWeight):
+            manifest["tensors"][e.name] = {"fmt": e.value.fmt, "shape": list(e.value.shape)}
     for (n, dt, shape, _), off in zip(parts, offsets, strict=True):
         manifest["tensors"].setdefault(n, {}).update(
             {"segment": index, "offset": off, "dtype": _NAMES[dt], "shape": list(shape)})
