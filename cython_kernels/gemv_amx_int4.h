@@ -370,11 +370,12 @@ static void hm_init_amx8(void) {
 }
 
 /* One token's 128-column block of xp (hm_prepare_x_avx512's INT4 order) as 16-bit integers split
- * into bytes (see above): hb[c][j], lb[c][j] for column 2j + c of the block (c = 0: the low
+ * into bytes (see above): byte j of hv[c], lv[c] for column 2j + c of the block (c = 0: the low
  * nibbles' columns, 1: the high nibbles'), gsum[g] the sum of xi over group g (one group at
- * groups of 128), and the block's exponent e (the activations are 2^e xi). */
-HM_AVX512 static void hm_int4_i8_block(const uint16_t *x16, int G, uint8_t hb[2][64], uint8_t lb[2][64],
-                                       float gsum[4], int *exp) {
+ * groups of 128), and the block's exponent e (the activations are 2^e xi). In registers: written
+ * out 16 bytes at a time and loaded back whole, they stalled on store forwarding. */
+HM_AVX512 static void hm_int4_i8_block(const uint16_t *x16, int G, __m512i hv[2], __m512i lv[2], float gsum[4],
+                                       int *exp) {
     const __m512i nat0 = _mm512_load_si512(hm_pw_nat[0]), nat1 = _mm512_load_si512(hm_pw_nat[1]);
     __m512 f[2][4]; /* [parity][16 positions] as fp32, natural order */
     __m512 amax = _mm512_setzero_ps();
@@ -403,15 +404,17 @@ HM_AVX512 static void hm_int4_i8_block(const uint16_t *x16, int G, uint8_t hb[2]
     const __m512 ne = _mm512_set1_ps((float)-e);
     __m512i gs[4];
     for (int q = 0; q < 4; q++) gs[q] = _mm512_setzero_si512();
-    for (int c = 0; c < 2; c++)
+    for (int c = 0; c < 2; c++) {
+        hv[c] = lv[c] = _mm512_setzero_si512();
         for (int q = 0; q < 4; q++) {
             __m512i xi = _mm512_cvtps_epi32(_mm512_scalef_ps(f[c][q], ne)); /* exact scaling, nearest */
             __m512i h = _mm512_srai_epi32(_mm512_add_epi32(xi, _mm512_set1_epi32(128)), 8);
             __m512i l = _mm512_sub_epi32(xi, _mm512_slli_epi32(h, 8));
-            _mm_storeu_si128((__m128i *)(hb[c] + 16 * q), _mm512_cvtepi32_epi8(h));
-            _mm_storeu_si128((__m128i *)(lb[c] + 16 * q), _mm512_cvtepi32_epi8(l));
+            hv[c] = _mm512_inserti32x4(hv[c], _mm512_cvtepi32_epi8(h), q);
+            lv[c] = _mm512_inserti32x4(lv[c], _mm512_cvtepi32_epi8(l), q);
             gs[q] = _mm512_add_epi32(gs[q], xi); /* positions 16q.. = group q */
         }
+    }
     if (G == 4)
         for (int q = 0; q < 4; q++) gsum[q] = (float)_mm512_reduce_add_epi32(gs[q]);
     else
@@ -438,7 +441,7 @@ HM_AVX512 static void hm_build_xb_int4_i8(const uint16_t *xp, int T, int64_t col
             for (int col = NC; col < 16; col++) v[c][col] = _mm512_setzero_si512();
         float wk[16] = {0}, ok[16] = {0}; /* per column */
         for (int t = 0; t < T; t++) {
-            uint8_t hl[2][2][64] __attribute__((aligned(64))); /* [piece][parity] */
+            __m512i hl[2][2]; /* [piece][parity] */
             float gsum[4];
             int e;
             hm_int4_i8_block(xp + (int64_t)t * cols + k * 128, G, hl[0], hl[1], gsum, &e);
@@ -449,7 +452,7 @@ HM_AVX512 static void hm_build_xb_int4_i8(const uint16_t *xp, int T, int64_t col
                     wk[col] = piece == 0 ? 256.f * sx : sx;
                     ok[col] = piece == 0 ? 8.f * gsum[g] * sx : 0.f;
                     const __mmask16 gm = G == 4 ? (__mmask16)(0xfu << (4 * g)) : (__mmask16)0xffff;
-                    for (int c = 0; c < 2; c++) v[c][col] = _mm512_maskz_loadu_epi32(gm, hl[piece][c]);
+                    for (int c = 0; c < 2; c++) v[c][col] = _mm512_maskz_mov_epi32(gm, hl[piece][c]);
                 }
         }
         for (int l = 0; l < 16; l++) W[k * 16 + l] = wk[l % P], O[k * 16 + l] = ok[l % P];

@@ -55,10 +55,12 @@ HM_AVX512 static void hm_build_xb_int4_vnni(const uint16_t *xp, int T, int64_t c
         uint32_t *xt = xb + (size_t)t * hm_vnni_xb_words(cols, group);
         float *ex = (float *)(xt + nb * 64), *off = ex + nb;
         for (int64_t k = 0; k < nb; k++) {
-            uint8_t(*hl)[2][64] = (uint8_t(*)[2][64])(xt + k * 64); /* [piece][parity][64] */
+            __m512i hl[2][2]; /* [piece][parity] */
             float gsum[4];
             int e;
             hm_int4_i8_block(xp + (int64_t)t * cols + k * 128, G, hl[0], hl[1], gsum, &e);
+            for (int piece = 0; piece < 2; piece++) /* block k: [piece][parity][64 bytes] */
+                for (int c = 0; c < 2; c++) _mm512_storeu_si512(xt + k * 64 + (piece * 2 + c) * 16, hl[piece][c]);
             ex[k] = ldexpf(1.f, e);
             for (int g = 0; g < G; g++) off[k * G + g] = 8.f * gsum[g] * ex[k];
         }
