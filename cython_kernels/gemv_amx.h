@@ -481,12 +481,23 @@ static inline size_t hm_kernel_xb_words(const hm_weight *w, int T) {
 
 /* xp (hm_prepare_x_avx512's order; x: the same T rows in fp32) -> xb (hm_kernel_xb_words(w, T)
  * words) in the layout that hm_gemv_rows_avx512's kernel for w and T reads (see hm_xb_applies). */
-static void hm_build_kernel_xb(const hm_weight *w, const uint16_t *xp, const float *x, int T, uint32_t *xb) {
-    if (hm_int4_vnni_applies(w, T)) hm_build_xb_int4_vnni(xp, T, w->cols, w->group, xb);
+/* Share `part` of `parts` of that layout: the INT4 layouts split by 128-column blocks (at 4
+ * tokens and 7168 columns the AMX-INT8 one took 15 of a call's 24 us of preparation, on the calling
+ * thread alone while the others waited; on a socket of 32 cores the products take a sixteenth as
+ * long, the preparation as long as ever); the others, cheap, are built whole by share 0. */
+static void hm_build_kernel_xb_part(const hm_weight *w, const uint16_t *xp, const float *x, int T, uint32_t *xb,
+                                    int part, int parts) {
+    const int64_t nb = w->cols / 128, k0 = nb * part / parts, k1 = nb * (part + 1) / parts;
+    if (hm_int4_vnni_applies(w, T)) hm_build_xb_int4_vnni(xp, T, w->cols, w->group, xb, k0, k1);
+    else if (w->fmt == HM_INT4 && hm_int4_amx8_applies(w, T)) hm_build_xb_int4_i8(xp, T, w->cols, w->group, xb, k0, k1);
+    else if (part != 0) return;
     else if (hm_fp8_fp16_applies(w, T)) hm_build_xs_fp16(x, w->cols, xb);
-    else if (w->fmt == HM_INT4 && hm_int4_amx8_applies(w, T)) hm_build_xb_int4_i8(xp, T, w->cols, w->group, xb);
     else if (w->fmt == HM_INT4) hm_build_xb_int4(xp, T, w->cols, w->group, xb);
     else hm_build_xb(xp, T, w->cols, xb, w->fmt == HM_FP8_B128 ? HM_FP8_AMX_XEXP : 0);
+}
+
+static void hm_build_kernel_xb(const hm_weight *w, const uint16_t *xp, const float *x, int T, uint32_t *xb) {
+    hm_build_kernel_xb_part(w, xp, x, T, xb, 0, 1);
 }
 
 #endif

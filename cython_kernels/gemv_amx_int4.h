@@ -424,16 +424,18 @@ HM_AVX512 static void hm_int4_i8_block(const uint16_t *x16, int G, __m512i hv[2]
 }
 
 /* xp [T][cols] (hm_prepare_x_avx512's INT4 order) -> hm_rows16_int4_amx8's B tiles and column
- * weights and offsets. */
-HM_AVX512 static void hm_build_xb_int4_i8(const uint16_t *xp, int T, int64_t cols, int group, uint32_t *xb) {
+ * weights and offsets, for 128-column blocks [k0, k1) (the lane tables with the first): the blocks
+ * are independent, so a call's threads can build a share each. */
+HM_AVX512 static void hm_build_xb_int4_i8(const uint16_t *xp, int T, int64_t cols, int group, uint32_t *xb,
+                                          int64_t k0, int64_t k1) {
     const int G = hm_i8_groups(group), NC = hm_i8_cols(group, T);
     const int64_t nb = cols / 128;
     const __mmask16 cm = (__mmask16)((1u << NC) - 1);
     const int P = hm_amx8_p(NC);
     float *W = (float *)(xb + nb * 32 * NC), *O = W + nb * 16;
     int32_t *lanes = (int32_t *)(O + nb * 16);
-    hm_amx8_lanes(G, T, (int32_t(*)[16])lanes, lanes + 16 * 16);
-    for (int64_t k = 0; k < nb; k++) {
+    if (k0 == 0 && k1 > 0) hm_amx8_lanes(G, T, (int32_t(*)[16])lanes, lanes + 16 * 16);
+    for (int64_t k = k0; k < k1; k++) {
         /* v[c][col]: column col's 16 quad-rows (dwords) of parity c's B tile, transposed into
          * rows at the end (at groups of 32, group g's column holds quad-rows 4g..4g+3 only) */
         __m512i v[2][16];

@@ -47,14 +47,15 @@ static inline size_t hm_vnni_xb_words(int64_t cols, int group) {
 }
 
 /* xp [T][cols] (hm_prepare_x_avx512's INT4 order) -> hm_rows_int4_vnni's activations: per token
- * hm_vnni_xb_words(cols, group) words, one after the other. */
-HM_AVX512 static void hm_build_xb_int4_vnni(const uint16_t *xp, int T, int64_t cols, int group, uint32_t *xb) {
+ * hm_vnni_xb_words(cols, group) words, one after the other; 128-column blocks [k0, k1). */
+HM_AVX512 static void hm_build_xb_int4_vnni(const uint16_t *xp, int T, int64_t cols, int group, uint32_t *xb,
+                                            int64_t k0, int64_t k1) {
     const int G = hm_i8_groups(group);
     const int64_t nb = cols / 128;
     for (int t = 0; t < T; t++) {
         uint32_t *xt = xb + (size_t)t * hm_vnni_xb_words(cols, group);
         float *ex = (float *)(xt + nb * 64), *off = ex + nb;
-        for (int64_t k = 0; k < nb; k++) {
+        for (int64_t k = k0; k < k1; k++) {
             __m512i hl[2][2]; /* [piece][parity] */
             float gsum[4];
             int e;

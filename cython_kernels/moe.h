@@ -78,13 +78,18 @@ static size_t hm_kernel_xb_bytes(int variant, const hm_weight *w, int T) {
 }
 
 /* That layout of the activations (xp prepared, x the same T rows in fp32) into xb, which has
- * hm_kernel_xb_bytes of room. */
-static void hm_build_kernel_xb_in(const hm_weight *w, const void *xp, const float *x, int T, uint32_t *xb) {
+ * hm_kernel_xb_bytes of room: share `part` of `parts` (see hm_build_kernel_xb_part). */
+static void hm_build_kernel_xb_in_part(const hm_weight *w, const void *xp, const float *x, int T, uint32_t *xb,
+                                       int part, int parts) {
 #if defined(__x86_64__)
-    hm_build_kernel_xb(w, (const uint16_t *)xp, x, T, xb);
+    hm_build_kernel_xb_part(w, (const uint16_t *)xp, x, T, xb, part, parts);
 #else
-    (void)w, (void)xp, (void)x, (void)T, (void)xb;
+    (void)w, (void)xp, (void)x, (void)T, (void)xb, (void)part, (void)parts;
 #endif
+}
+
+static void hm_build_kernel_xb_in(const hm_weight *w, const void *xp, const float *x, int T, uint32_t *xb) {
+    hm_build_kernel_xb_in_part(w, xp, x, T, xb, 0, 1);
 }
 
 /* The first HM_HEAD_PF bytes of rows r0.. of w (contiguous) into L2, ahead of a kernel that will
@@ -148,14 +153,22 @@ static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x
                  last = hm_kernel_xb_bytes(variant, &ws[0], Tl);
     char *xb = full || last ? hm_scratch((size_t)(S - 1) * full + last) : NULL;
     const size_t xp_seg = (size_t)HM_MAX_TOKENS * (size_t)cols * (size_t)hm_xp_elem(variant);
-    for (int s = 0; xb && s < S; s++)
-        if (s < S - 1 ? full : last)
-            hm_build_kernel_xb_in(&ws[0], (const char *)xp + s * xp_seg, x + (size_t)s * HM_MAX_TOKENS * cols,
-                                  s < S - 1 ? HM_MAX_TOKENS : Tl, (uint32_t *)(xb + s * full));
-    /* guided: each thread takes long runs of consecutive tiles first (its reads stay one linear
-     * stream, which the prefetchers keep ahead of), then shorter ones to even out the end */
 #pragma omp parallel num_threads(nthreads)
     {
+        /* the layouts first, each segment's in one share per thread */
+        const int parts = omp_get_num_threads();
+        if (xb) {
+#pragma omp for schedule(static)
+            for (int64_t j = 0; j < (int64_t)S * parts; j++) {
+                const int s = (int)(j / parts);
+                if (s < S - 1 ? full : last)
+                    hm_build_kernel_xb_in_part(&ws[0], (const char *)xp + s * xp_seg,
+                                               x + (size_t)s * HM_MAX_TOKENS * cols, s < S - 1 ? HM_MAX_TOKENS : Tl,
+                                               (uint32_t *)(xb + s * full), (int)(j % parts), parts);
+            }
+        }
+        /* guided: each thread takes long runs of consecutive tiles first (its reads stay one linear
+         * stream, which the prefetchers keep ahead of), then shorter ones to even out the end */
 #pragma omp for schedule(guided) nowait
         for (int64_t t = 0; t < tiles; t++) {
             int64_t i = 0, first = 0, off = 0; /* the weight tile t falls in */

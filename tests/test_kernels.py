@@ -432,6 +432,25 @@ def test_bad_input_raises_clear_errors():
         api.gemv(x, w, variant="sse9")
 
 
+@pytest.mark.parametrize("fmt", ["int4_g128", "int4_g32", "fp8_b128"])
+def test_gemv_layout_built_in_shares_over_threads(fmt):
+    """A call's threads build the activations' kernel layout a share of its 128-column blocks each:
+    more threads than blocks, as many, and fewer give the same outputs, and the reference's."""
+    g = torch.Generator().manual_seed(3)
+    for cols in (128, 384, 1024):
+        w = _q(torch.randn(48, cols, generator=g) * 0.05, fmt)
+        for tokens in (1, 2, 4, 8):
+            x = torch.randn(tokens, cols, generator=g)
+            ref = x.bfloat16().double() @ dequantize(w).double().T
+            ys = [api.gemv(x, w, threads=n).double() for n in (1, 2, 3, 8)]
+            for y in ys:
+                if _fp16_path(cython_kernels.VARIANT, fmt, tokens):
+                    _assert_fp16_bound(y.float(), x, w, f"{cols}")
+                else:
+                    assert ((y - ref).abs().max() / ref.abs().max()).item() < 1e-4, (cols, tokens)
+            assert all(torch.equal(y, ys[0]) for y in ys), (cols, tokens)  # rows are a tile's own
+
+
 def test_read_sum_is_exact_over_sizes_and_threads():
     """The benchmarks' bandwidth reader: every word counted once, tails and all, whatever the split."""
     b = torch.arange(100_000, dtype=torch.int64)
