@@ -405,15 +405,20 @@ HM_AVX512 static void hm_int4_i8_block(const uint16_t *x16, int G, __m512i hv[2]
     __m512i gs[4];
     for (int q = 0; q < 4; q++) gs[q] = _mm512_setzero_si512();
     for (int c = 0; c < 2; c++) {
-        hv[c] = lv[c] = _mm512_setzero_si512();
+        __m128i hq[4], lq[4];
         for (int q = 0; q < 4; q++) {
             __m512i xi = _mm512_cvtps_epi32(_mm512_scalef_ps(f[c][q], ne)); /* exact scaling, nearest */
             __m512i h = _mm512_srai_epi32(_mm512_add_epi32(xi, _mm512_set1_epi32(128)), 8);
             __m512i l = _mm512_sub_epi32(xi, _mm512_slli_epi32(h, 8));
-            hv[c] = _mm512_inserti32x4(hv[c], _mm512_cvtepi32_epi8(h), q);
-            lv[c] = _mm512_inserti32x4(lv[c], _mm512_cvtepi32_epi8(l), q);
+            hq[q] = _mm512_cvtepi32_epi8(h);
+            lq[q] = _mm512_cvtepi32_epi8(l);
             gs[q] = _mm512_add_epi32(gs[q], xi); /* positions 16q.. = group q */
         }
+        /* (the lane of VINSERTI32X4 is an immediate: spelled out, not a loop index) */
+        hv[c] = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(hq[0]), hq[1], 1),
+                                                      hq[2], 2), hq[3], 3);
+        lv[c] = _mm512_inserti32x4(_mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(lq[0]), lq[1], 1),
+                                                      lq[2], 2), lq[3], 3);
     }
     if (G == 4)
         for (int q = 0; q < 4; q++) gsum[q] = (float)_mm512_reduce_add_epi32(gs[q]);

@@ -80,11 +80,18 @@ class _Experts:
     def __init__(self, ckpt: Checkpoint, spec: WeightSpec, dtype: torch.dtype, fmt: str) -> None:
         self.ckpt, self.spec, self.dtype, self.fmt = ckpt, spec, dtype, fmt
         self.prefixes = spec.expert_prefixes()
+        self.stored = ""  # the checkpoint's format of the first expert, which every other must share
         self.first = self._load(0)
         self.name = spec.name
 
     def _load(self, e: int) -> QuantWeight:
         w = self.ckpt.linear(self.prefixes[e], self.spec.shape[1:], self.spec.why)
+        if e == 0:
+            self.stored = w.fmt
+        elif w.fmt != self.stored:
+            raise CheckpointError(
+                f"{self.ckpt.file_of(self.prefixes[e] + '.weight')}: expert weight {self.prefixes[e]!r} is "
+                f"{w.fmt} but {self.prefixes[0]!r} is {self.stored}; a layer's experts must share one format")
         if w.fmt == "dense":
             w = QuantWeight("dense", w.data.to(self.dtype), None, w.shape)
             if self.fmt:
@@ -102,11 +109,6 @@ class _Experts:
         data, scale = views[f"{self.name}#data"], views.get(f"{self.name}#scale")
         for e in range(len(self.prefixes)):
             w = self.first if e == 0 else self._load(e)
-            if w.fmt != self.first.fmt or w.data.shape != self.first.data.shape:
-                raise CheckpointError(
-                    f"{self.ckpt.file_of(self.prefixes[e] + '.weight')}: expert weight {self.prefixes[e]!r} is "
-                    f"{w.fmt} {list(w.data.shape)} but {self.prefixes[0]!r} is {self.first.fmt} "
-                    f"{list(self.first.data.shape)}; a layer's experts must share one format")
             data[e].copy_(w.data)
             if scale is not None:
                 scale[e].copy_(w.scale)
@@ -124,6 +126,22 @@ def _tensors_of(entry: _Entry) -> list[tuple[str, torch.Tensor]]:
 
 def _segment_name(namespace: str, i: int) -> str:
     return f"/hm-{namespace}-{i:04d}"
+
+
+def _fill_segment(shm: posix_ipc.SharedMemory, size: int, parts: list, offsets: list[int],
+                  group: list[_Entry | _Experts]) -> None:
+    with mmap.mmap(shm.fd, max(size, ALIGN)) as mm:
+        dst = torch.frombuffer(mm, dtype=torch.uint8)
+        views: dict[str, torch.Tensor] = {}
+        for (n, dt, shape, src), off in zip(parts, offsets, strict=True):
+            nbytes = torch.Size(shape).numel() * dt.itemsize
+            views[n] = dst[off:off + nbytes].view(dt).view(shape)
+            if isinstance(src, torch.Tensor) and nbytes:
+                views[n].copy_(src)
+        for e in group:
+            if isinstance(e, _Experts):
+                e.write(views)
+        del dst, views
 
 
 def _write_segment(name: str, group: list[_Entry | _Experts], manifest: dict, index: int) -> None:
@@ -145,18 +163,10 @@ def _write_segment(name: str, group: list[_Entry | _Experts], manifest: dict, in
         pass
     shm = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=max(size, ALIGN))
     try:
-        with mmap.mmap(shm.fd, max(size, ALIGN)) as mm:
-            dst = torch.frombuffer(mm, dtype=torch.uint8)
-            views: dict[str, torch.Tensor] = {}
-            for (n, dt, shape, src), off in zip(parts, offsets, strict=True):
-                nbytes = torch.Size(shape).numel() * dt.itemsize
-                views[n] = dst[off:off + nbytes].view(dt).view(shape)
-                if isinstance(src, torch.Tensor) and nbytes:
-                    views[n].copy_(src)
-            for e in group:
-                if isinstance(e, _Experts):
-                    e.write(views)
-            del dst, views
+        _fill_segment(shm, size, parts, offsets, group)
+    except BaseException:  # (an expert read after the segment was made failed: the segment goes too)
+        shm.unlink()
+        raise
     finally:
         shm.close_fd()
     manifest["segments"].append({"name": name, "size": max(size, ALIGN)})

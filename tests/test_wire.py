@@ -186,20 +186,27 @@ def test_weight_store_quantizes_at_publish_time(tiny_models, tmp_path, monkeypat
         weight_store.unlink(manifest)
 
 
-def test_weight_store_rejects_experts_of_mixed_formats(tiny_models):
+def test_weight_store_rejects_mixed_experts_and_leaves_no_segment(tiny_models, tmp_path, monkeypatch):
+    """An expert stored in another format than the layer's first (checked as stored, before any
+    quantization at publish time) is a CheckpointError, and the segment being written when it
+    surfaced is removed with the others."""
     from shared.checkpoint import Checkpoint, CheckpointError
-    from shared.model import family_of
     from shared.quant import quantize
 
-    ckpt = Checkpoint(tiny_models["tiny-qwen3-moe", "fp8"])
-    fam = family_of(ckpt.config)
-    spec = next(s for s in fam.weight_specs(fam.args_from_config(ckpt.config)) if s.role == "experts")
-    experts = weight_store._Experts(ckpt, spec, torch.bfloat16, "")
-    real = experts._load
-    experts._load = lambda e: real(e) if e != 2 else quantize(torch.randn(spec.shape[1:]), "int4_g32")
-    views = {n: torch.empty(shape, dtype=dt) for n, dt, shape in experts.parts()}
-    with pytest.raises(CheckpointError, match=r"expert weight .* is int4_g32 .* must share one format"):
-        experts.write(views)
+    real = Checkpoint.linear
+
+    def linear(self, prefix, shape, why):
+        if ".experts.2." in prefix:  # one expert of each projection, stored as INT4
+            return quantize(torch.randn(shape), "int4_g32")
+        return real(self, prefix, shape, why)
+
+    monkeypatch.setattr(Checkpoint, "linear", linear)
+    ns = f"mix{os.getpid()}"
+    for path, quant in ((tiny_models["tiny-qwen3-moe", "fp8"], ""), (tiny_models["tiny-mixtral", "bf16"], "int4_g32")):
+        with pytest.raises(CheckpointError, match=r"experts\.2.* is int4_g32 but .* must share one format"):
+            weight_store.publish(path, tmp_path / "w.json", namespace=ns, quant=quant)
+        assert not [n for n in os.listdir("/dev/shm") if n.startswith(f"hm-{ns}")]
+        assert not (tmp_path / "w.json").exists()
 
 
 @pytest.mark.gpu
