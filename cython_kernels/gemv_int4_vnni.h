@@ -32,11 +32,18 @@ static void hm_init_vnni(void) {
 
 /* Tokens up to which INT4 takes VNNI rather than AMX-INT8 (DeepSeek-V3 shapes from DRAM, 2
  * threads: at two tokens 5-55 % faster, groups of 32 12-27 %; at three the longer rows lose 14-28 %,
- * at four all lose, the products being the work). */
+ * at four all lose, the products being the work). Since AMX-INT8 keeps its tile configuration and
+ * builds its layout in vector registers, it wins at two tokens on rows of 4096 columns and more
+ * (2048 x 7168 from DRAM: 331-332 against 360-372 us at groups of 128; 4096 x 4096, groups of 32:
+ * 475-484 against 504-505 us), VNNI still on rows of 2048 (7168 x 2048: 372 against 381 us, groups
+ * of 32 454 against 507). */
 #define HM_VNNI_MAX_T 2
+#define HM_VNNI_T2_MAX_COLS 4096 /* two tokens take VNNI below this many columns where AMX-INT8 runs */
 
 static inline int hm_int4_vnni_applies(const hm_weight *w, int T) {
-    return hm_vnni_enabled && w->fmt == HM_INT4 && T <= HM_VNNI_MAX_T && w->cols % 128 == 0;
+    const int amx8 = hm_amx_enabled && hm_amx_int8_enabled;
+    return hm_vnni_enabled && w->fmt == HM_INT4 && w->cols % 128 == 0
+           && (T == 1 || (T == HM_VNNI_MAX_T && !(amx8 && w->cols >= HM_VNNI_T2_MAX_COLS)));
 }
 
 /* Words of one token's activations: per block 256 bytes (h of the low nibbles' columns, h of the

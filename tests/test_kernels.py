@@ -229,6 +229,28 @@ def test_amx_int4_offsets_with_biased_activations(amx_switch, fmt, tokens, int8)
 
 
 @VNNI
+@AMX
+@pytest.mark.parametrize("fmt", ["int4_g128", "int4_g32"])
+def test_int4_two_tokens_take_amx_int8_on_long_rows(amx_switch, fmt):
+    """At two tokens INT4 takes VNNI on rows shorter than 4096 columns and AMX-INT8 from there on
+    (which is faster there since it keeps its tile configuration): both match the reference."""
+    if not _kernels.amx_int8_available():
+        pytest.skip("this CPU has no AMX-INT8")
+    g = torch.Generator().manual_seed(11)
+    amx_switch(True)
+    for cols, amx8 in ((2048, False), (4096, True)):
+        w = _q(torch.randn(32, cols, generator=g) * 0.05, fmt)
+        x = torch.randn(2, cols, generator=g)
+        ref = x.bfloat16().double() @ dequantize(w).double().T
+        _kernels.set_vnni(True)
+        y = api.gemv(x, w, variant="avx512_bf16", threads=2)
+        _kernels.set_vnni(False)
+        y_amx8 = api.gemv(x, w, variant="avx512_bf16", threads=2)
+        assert torch.equal(y, y_amx8) == amx8, cols
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-3, cols
+
+
+@VNNI
 @pytest.mark.parametrize("fmt", ["int4_g128", "int4_g32"])
 @pytest.mark.parametrize("tokens", [1, 2])
 def test_int4_vnni_matches_reference(amx_switch, fmt, tokens):
