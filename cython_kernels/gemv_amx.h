@@ -463,7 +463,7 @@ HM_AVX512 static void hm_rows_fp8_t1(const hm_weight *w, const uint16_t *xp, con
 #include "gemv_fp8_fp16.h"
 
 /* Whether the call takes a path that reads the activations in its own layout (AMX, VNNI for INT4
- * at 1-2 tokens, hm_rows_fp8_t1): then xb must hold hm_build_kernel_xb's layout of xp. */
+ * at 1-2 tokens, hm_rows_fp8_t1): then xb must hold hm_build_kernel_xb_part's layout of xp. */
 static inline int hm_xb_applies(const hm_weight *w, int T) { /* (FP8 at one token with FP16 too) */
     return hm_int4_vnni_applies(w, T) || hm_fp8_t1_applies(w, T) || hm_amx_applies(w, T);
 }
@@ -494,10 +494,6 @@ static void hm_build_kernel_xb_part(const hm_weight *w, const uint16_t *xp, cons
     else if (hm_fp8_fp16_applies(w, T)) hm_build_xs_fp16(x, w->cols, xb);
     else if (w->fmt == HM_INT4) hm_build_xb_int4(xp, T, w->cols, w->group, xb);
     else hm_build_xb(xp, T, w->cols, xb, w->fmt == HM_FP8_B128 ? HM_FP8_AMX_XEXP : 0);
-}
-
-static void hm_build_kernel_xb(const hm_weight *w, const uint16_t *xp, const float *x, int T, uint32_t *xb) {
-    hm_build_kernel_xb_part(w, xp, x, T, xb, 0, 1);
 }
 
 #endif

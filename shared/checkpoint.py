@@ -7,9 +7,10 @@ and the tensor or config field at fault.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -170,24 +171,34 @@ class Checkpoint:
         """A linear layer's weight as a plain tensor (FP8/INT4 storage is dequantized)."""
         return dequantize(self.linear(prefix, shape, why), dtype)
 
+    def each_expert(self, prefixes: list[str], shape: tuple[int, int], why: str) -> Iterator[QuantWeight]:
+        """The routed experts' weights of one projection, one at a time as stored, each checked to
+        share the first's format (the weight store writes them so, never holding a whole stack)."""
+        first = None
+        for prefix in prefixes:
+            w = self.linear(prefix, shape, why)
+            if first is None:
+                first = w
+            elif w.fmt != first.fmt:
+                raise CheckpointError(
+                    f"{self.file_of(prefix + '.weight')}: expert weight {prefix!r} is {w.fmt} but "
+                    f"{prefixes[0]!r} is {first.fmt}; a layer's experts must share one format"
+                )
+            yield w
+
     def experts(self, prefixes: list[str], shape: tuple[int, int], why: str,
                 dtype: torch.dtype) -> QuantWeight:
         """The routed experts' weights of one projection, stacked [E, out, in] in one buffer.
 
         Quantized experts stay quantized; dense ones are converted to ``dtype``.
         """
-        first = self.linear(prefixes[0], shape, why)
+        each = self.each_expert(prefixes, shape, why)
+        first = next(each)
         n = len(prefixes)
         data = torch.empty((n, *first.data.shape),
                            dtype=dtype if first.fmt == "dense" else first.data.dtype)
         scale = None if first.scale is None else torch.empty((n, *first.scale.shape), dtype=first.scale.dtype)
-        for e, prefix in enumerate(prefixes):
-            w = first if e == 0 else self.linear(prefix, shape, why)
-            if w.fmt != first.fmt:
-                raise CheckpointError(
-                    f"{self.file_of(prefix + '.weight')}: expert weight {prefix!r} is {w.fmt} but "
-                    f"{prefixes[0]!r} is {first.fmt}; a layer's experts must share one format"
-                )
+        for e, w in enumerate(itertools.chain([first], each)):
             data[e].copy_(w.data)
             if scale is not None:
                 scale[e].copy_(w.scale)

@@ -15,6 +15,7 @@ service user only) and :func:`unlink` removes them.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import mmap
 import os
@@ -78,20 +79,12 @@ class _Experts:
     read (and quantized) at a time; the first one fixes the stack's format and layout."""
 
     def __init__(self, ckpt: Checkpoint, spec: WeightSpec, dtype: torch.dtype, fmt: str) -> None:
-        self.ckpt, self.spec, self.dtype, self.fmt = ckpt, spec, dtype, fmt
+        self.spec, self.dtype, self.fmt, self.name = spec, dtype, fmt, spec.name
         self.prefixes = spec.expert_prefixes()
-        self.stored = ""  # the checkpoint's format of the first expert, which every other must share
-        self.first = self._load(0)
-        self.name = spec.name
+        self._each = ckpt.each_expert(self.prefixes, spec.shape[1:], spec.why)  # checks their formats as stored
+        self.first = self._converted(next(self._each))
 
-    def _load(self, e: int) -> QuantWeight:
-        w = self.ckpt.linear(self.prefixes[e], self.spec.shape[1:], self.spec.why)
-        if e == 0:
-            self.stored = w.fmt
-        elif w.fmt != self.stored:
-            raise CheckpointError(
-                f"{self.ckpt.file_of(self.prefixes[e] + '.weight')}: expert weight {self.prefixes[e]!r} is "
-                f"{w.fmt} but {self.prefixes[0]!r} is {self.stored}; a layer's experts must share one format")
+    def _converted(self, w: QuantWeight) -> QuantWeight:
         if w.fmt == "dense":
             w = QuantWeight("dense", w.data.to(self.dtype), None, w.shape)
             if self.fmt:
@@ -107,8 +100,7 @@ class _Experts:
 
     def write(self, views: dict[str, torch.Tensor]) -> None:
         data, scale = views[f"{self.name}#data"], views.get(f"{self.name}#scale")
-        for e in range(len(self.prefixes)):
-            w = self.first if e == 0 else self._load(e)
+        for e, w in enumerate(itertools.chain([self.first], map(self._converted, self._each))):
             data[e].copy_(w.data)
             if scale is not None:
                 scale[e].copy_(w.scale)
