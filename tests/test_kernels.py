@@ -188,7 +188,8 @@ def _fp8_scaled_path(tokens):
 @pytest.mark.parametrize("scale", [1e-20, 1e-6, 1e6, 1e9])
 def test_fp8_scaled_domain_keeps_tiny_and_huge_activations(amx_switch, scale, tokens):
     """The FP8 one-token and AMX paths work in a scaled domain (weights times 2^-104, activations
-    times 2^64; the FP16 kernel: weights times 2^-8, activations scaled below 2^13 per call):
+    times 2^64; the FP16 kernel: weights times 2^-8, activations times a row block's scales scaled
+    below 2^11):
     products must neither flush to zero nor overflow across the range activations take."""
     _fp8_scaled_path(tokens)
     g = torch.Generator().manual_seed(3)
@@ -553,8 +554,8 @@ def test_fp8_fp16_decodes_every_code(amx_switch):
 
 @FP16
 def test_fp8_fp16_more_accurate_than_bf16(amx_switch):
-    """Against the fp32 activations the FP16 kernel (activations to 11 bits, sums in fp16 four to a
-    lane) errs less than the bf16 one (activations to 8 bits): measured about 4x at these shapes;
+    """Against the fp32 activations the FP16 kernel (activations to 11 bits, sums in fp16 sixteen
+    to a lane) errs less than the bf16 one (activations to 8 bits): measured about 4x at these shapes;
     asserted 2x. The whole-layer call at one token (each expert one token) too."""
     g = torch.Generator().manual_seed(2)
     for shape in [(256, 2048), (64, 7168), (100, 1090)]:
@@ -581,10 +582,11 @@ def test_fp8_fp16_more_accurate_than_bf16(amx_switch):
 
 @FP16
 def test_fp8_fp16_largest_sums_stay_finite(amx_switch):
-    """Activations are scaled per call so that the largest is below 2^13: weights all at e4m3's
-    largest (448) with every activation at that bound make each lane's four products sum to
-    4 x 1.75 x (2^13 - 4) = 57316, under fp16's 65504; the result is finite and within the bound.
-    Activations from 2^-100 to 2^100 scale the same way."""
+    """Activations times their block scales are scaled per row block so that the largest is below
+    2^11: weights all at e4m3's largest (448) with every activation at that bound make each lane's
+    sixteen products (256 columns, folded to 16 lanes) sum to under 16 x 1.75 x 2^11 = 57344, under
+    fp16's 65504; the result is finite and within the bound. Activations from 2^-100 to 2^100 scale
+    the same way."""
     data = torch.full((32, 1024), 0x7E, dtype=torch.uint8)
     data[1::2] |= 0x80  # odd rows all -448
     w = QuantWeight("fp8_b128", data.view(torch.float8_e4m3fn), torch.ones(1, 8), (32, 1024))
@@ -594,6 +596,35 @@ def test_fp8_fp16_largest_sums_stay_finite(amx_switch):
         y = api.gemv(x, w, variant="avx512_bf16", threads=2)
         assert torch.isfinite(y).all(), e
         _assert_fp16_bound(y, x, w, f"2^{e}")
+
+
+@FP16
+def test_fp8_fp16_folds_each_row_blocks_scales(amx_switch):
+    """The FP16 kernel multiplies the activations by each 128-row block's scales (a copy per row
+    block, kept by each thread while its call runs): block scales spread over twelve orders of
+    magnitude, three weights of one call with scales of their own, and the same weights called
+    again with other activations (whose copies must not be taken for the first call's)."""
+    g = torch.Generator().manual_seed(5)
+    ws = []
+    for rows in (384, 130, 256):
+        w = _q(torch.randn(rows, 1090, generator=g), "fp8_b128")
+        ws.append(QuantWeight("fp8_b128", w.data, 10.0 ** (torch.rand(w.scale.shape, generator=g) * 12 - 6), w.shape))
+    _kernels.set_fp16(True)
+    for seed in range(3):
+        x = torch.randn(1, 1090, generator=torch.Generator().manual_seed(seed)) * 10.0 ** (seed - 1)
+        y = api.gemv_multi(x, ws, variant="avx512_bf16", threads=2)
+        for w, part in zip(ws, y.split([w.shape[0] for w in ws], dim=1), strict=True):
+            _assert_fp16_bound(part, x, w, f"call {seed}, {list(w.shape)}")
+        _assert_fp16_bound(api.gemv(x, ws[0], variant="avx512_bf16", threads=3), x, ws[0], f"alone, call {seed}")
+    # a MoE call at one token: the down projection's row block goes through each chosen expert's scales
+    gate, up, down = _experts("fp8_b128", E=24, I=256, D=384, seed=5)
+    down = QuantWeight("fp8_b128", down.data, 10.0 ** (torch.rand(down.scale.shape, generator=g) * 6 - 3), down.shape)
+    x, ids = torch.randn(1, 384, generator=g), torch.randperm(24, generator=g)[:20][None]
+    weights = torch.rand(1, 20, generator=g)
+    exact = [QuantWeight("dense", dequantize(q).double(), None, tuple(q.shape)) for q in (gate, up, down)]
+    ref = RoutedExperts(*exact)(x.double(), ids, weights.double())
+    out = api.moe_forward(x, ids, weights, gate, up, down, variant="avx512_bf16", threads=2).double()
+    assert (out - ref).abs().max() / ref.abs().max() < 1e-2
 
 
 @FP16
