@@ -463,15 +463,16 @@ HM_AVX512 static void hm_rows_fp8_t1(const hm_weight *w, const uint16_t *xp, con
 #include "gemv_fp8_fp16.h"
 
 /* Whether the call takes a path that reads the activations in its own layout (AMX, VNNI for INT4
- * at 1-2 tokens, hm_rows_fp8_t1): then xb must hold hm_build_kernel_xb_part's layout of xp. */
+ * at 1-2 tokens, FP8 and BF16 at one token): then xb must hold hm_build_kernel_xb_part's layout of xp. */
 static inline int hm_xb_applies(const hm_weight *w, int T) { /* (FP8 at one token with FP16 too) */
-    return hm_int4_vnni_applies(w, T) || hm_fp8_t1_applies(w, T) || hm_amx_applies(w, T);
+    return hm_int4_vnni_applies(w, T) || hm_fp8_t1_applies(w, T) || hm_bf16_f32_applies(w, T) || hm_amx_applies(w, T);
 }
 
 /* Words of the activation buffer that path needs. */
 static inline size_t hm_kernel_xb_words(const hm_weight *w, int T) {
     if (hm_int4_vnni_applies(w, T)) return (size_t)T * hm_vnni_xb_words(w->cols, w->group);
     if (hm_fp8_fp16_applies(w, T)) return hm_fp16_xs_words(w->cols);
+    if (hm_bf16_f32_applies(w, T)) return hm_bf16_f32_xb_words(w->cols);
     if (w->fmt != HM_INT4) /* (over 16 tokens, the wide kernels' groups of 16) */
         return (size_t)(T > HM_AMX_MAX_T ? (T + HM_AMX_MAX_T - 1) / HM_AMX_MAX_T * HM_AMX_MAX_T : T) * (size_t)(w->cols / 2);
     if (hm_int4_amx8_applies(w, T)) return hm_amx8_xb_words(w->cols, w->group, T);
@@ -492,6 +493,7 @@ static void hm_build_kernel_xb_part(const hm_weight *w, const uint16_t *xp, cons
     else if (w->fmt == HM_INT4 && hm_int4_amx8_applies(w, T)) hm_build_xb_int4_i8(xp, T, w->cols, w->group, xb, k0, k1);
     else if (part != 0) return;
     else if (hm_fp8_fp16_applies(w, T)) hm_build_xs_fp16(x, w->cols, xb);
+    else if (hm_bf16_f32_applies(w, T)) hm_build_xf_bf16(x, w->cols, (float *)xb);
     else if (w->fmt == HM_INT4) hm_build_xb_int4(xp, T, w->cols, w->group, xb);
     else hm_build_xb(xp, T, w->cols, xb, w->fmt == HM_FP8_B128 ? HM_FP8_AMX_XEXP : 0);
 }

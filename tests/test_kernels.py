@@ -33,6 +33,12 @@ def _fp16_path(variant, fmt, tokens):
     return variant == "avx512_bf16" and fmt == "fp8_b128" and tokens == 1 and _kernels.fp16_enabled()
 
 
+def _f32_path(variant, fmt, tokens):
+    """Whether the call takes BF16's one-token kernel, which multiplies the fp32 activations as
+    given (the other kernels round them to bf16 first)."""
+    return variant == "avx512_bf16" and fmt == "dense" and tokens == 1
+
+
 def _assert_fp16_bound(y, x, w, what=""):
     """The FP16 kernel against the fp32 activations: each output within 2^-8 of the sum of its
     products' magnitudes, plus fp32's rounding (the activation's rounding to fp16 and a lane's
@@ -55,7 +61,8 @@ def test_gemv_matches_reference(variant, fmt, tokens):
     for shape in _shapes(fmt):
         w = _q(torch.randn(shape, generator=g) * 0.05, fmt)
         x = torch.randn(tokens, shape[1], generator=g)
-        ref = x.bfloat16().float() @ dequantize(w).T  # the kernels multiply bf16 activations
+        # the kernels multiply bf16 activations (BF16 at one token: fp32)
+        ref = (x if _f32_path(variant, fmt, tokens) else x.bfloat16().float()) @ dequantize(w).T
         y = api.gemv(x, w, variant=variant, threads=2)
         assert y.shape == (tokens, shape[0]) and y.dtype == torch.float32
         if _fp16_path(variant, fmt, tokens):
@@ -155,7 +162,7 @@ def test_amx_path_matches_reference(amx_switch, fmt, tokens):
     for shape in shapes:
         w = _q(torch.randn(shape, generator=g) * 0.05, fmt)
         x = torch.randn(tokens, shape[1], generator=g)
-        ref = x.bfloat16().float() @ dequantize(w).T
+        ref = (x if _f32_path("avx512_bf16", fmt, tokens) else x.bfloat16().float()) @ dequantize(w).T
         amx_switch(True)
         y_amx = api.gemv(x, w, variant="avx512_bf16", threads=2)
         _kernels.set_amx_int8(False)  # INT4's bf16 AMX path too, where AMX-INT8 would take it
@@ -205,6 +212,23 @@ def test_fp8_scaled_domain_keeps_tiny_and_huge_activations(amx_switch, scale, to
         y = api.gemv(x, w, variant="avx512_bf16", threads=2)
         assert torch.isfinite(y).all()
         _assert_fp16_bound(y, x, w, f"scale {scale}")
+
+
+@BF16
+def test_bf16_one_token_multiplies_fp32_activations():
+    """BF16 at one token multiplies the activations as given and sums in fp32 (the other BF16
+    kernels round the activations to bf16, which errs by about 2^-9 of them): within 1e-5 of the
+    exact result, at rows of every tail length past the last 64 and 32 columns; two tokens are the
+    bf16 kernel's, within 1e-2 but not 1e-5 of it."""
+    g = torch.Generator().manual_seed(7)
+    for shape in [(128, 7168), (40, 300), (33, 70), (16, 32), (24, 96)]:
+        w = _q(torch.randn(shape, generator=g), "dense")
+        x = torch.randn(2, shape[1], generator=g)
+        exact = x.double() @ dequantize(w).double().T
+        errs = [((y.double() - exact[t]).abs().max() / exact[t].abs().max()).item()
+                for t, y in ((0, api.gemv(x[:1], w, variant="avx512_bf16", threads=2)[0]),
+                             (1, api.gemv(x, w, variant="avx512_bf16", threads=2)[1]))]
+        assert errs[0] < 1e-5 and 1e-5 < errs[1] < 1e-2, (shape, errs)
 
 
 @AMX
