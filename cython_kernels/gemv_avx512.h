@@ -309,11 +309,13 @@ HM_AVX512 static void hm_row_bf16(const hm_weight *w, int64_t r, const uint16_t 
 /* BF16 at one token in fp32. A bf16 weight is the high half of its fp32, so a 64-byte load of 32
  * weights gives the odd columns' fp32 by clearing the low halves (one AND) and the even columns'
  * by shifting them up (one shift); they meet the fp32 activations (each 32-column chunk's 16 even
- * columns, then its 16 odd ones: hm_build_xf_bf16) in FMAs. 4 ops of the two vector ports per 32
- * weights, against VDPBF16PS's two, which hold both ports about 2.2 cycles each on the machine
- * measured: with the data in L2, one thread, 2.3 against 4.4 cycles per 32 weights; from DRAM,
- * 2048 x 7168 copies over 1 GB, one process alternating: see README. The products are exact and
- * summed in fp32 against the activations as given (the bf16 kernel rounds them to bf16 first).
+ * columns, then its 16 odd ones: hm_build_xf_bf16) in FMAs: 4 ops of the two vector ports per 32
+ * weights, against two VDPBF16PS, which hold both ports about 2.2 cycles each. In L1, one thread,
+ * the two run about as fast (3.6 against 4.0 cycles per 32 weights: this one's loads of the fp32
+ * activations weigh too), but from DRAM this one reads faster: 2048 x 7168 and
+ * 7168 x 2048 copies over 1 GB, 2 threads, one process alternating, 0.97-0.98 against 0.86-0.88
+ * of a plain read of the same bytes. The products are exact and summed in fp32 against the
+ * activations as given (the bf16 kernel rounds them to bf16 first).
  * Rows are read one after the other, one linear stream prefetched HM_PREFETCH ahead into L2. */
 static inline int hm_bf16_f32_applies(const hm_weight *w, int T) {
     return w->fmt == HM_DENSE_BF16 && T == 1 && w->cols >= 32;
