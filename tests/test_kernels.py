@@ -508,7 +508,8 @@ def test_read_sum_is_exact_over_sizes_and_threads():
 
 def test_kernel_bench_holds_each_problem_to_a_read_of_its_own_bytes(monkeypatch):
     """``hybridmoe bench kernels``' bookkeeping: each record's fraction is of the bandwidth at which
-    a plain read of the same weight copies ran beside it, which the record reports."""
+    a plain read of the same weight copies (a MoE layer: of the experts each routing chose) ran
+    beside it, which the record reports."""
     from cython_kernels import bench
 
     quick = bench._time
@@ -532,6 +533,12 @@ def test_kernel_bench_holds_each_problem_to_a_read_of_its_own_bytes(monkeypatch)
     reads.clear()
     rows = bench.bench_moe("int4_g128", 8, 128, 256, 2, 2, cython_kernels.VARIANT)
     assert len(reads) == 2 * len(bench.TOKENS) and all(r["bandwidth_gbps"] > 0 for r in rows)
+    # a MoE layer's roofline reads the chosen experts' weights, routing by routing (16 routings)
+    expert = 3 * 128 * 256 // 2
+    for i, r in enumerate(rows):
+        chosen = reads[2 * i] // expert
+        assert reads[2 * i] == reads[2 * i + 1] == chosen * expert
+        assert 16 * 2 <= chosen <= 16 * min(8, 2 * r["tokens"])
     assert all(r["fraction_of_bandwidth"] == pytest.approx(r["gbps"] / r["bandwidth_gbps"]) for r in rows)
 
 
