@@ -117,17 +117,15 @@ HM_VNNI static inline __attribute__((always_inline)) void hm_rows_int4_vnni_nt(c
             for (int t = 0; t < nt; t++) hm_vnni_scales(w, (const float *)(xb + t * words + nb * 64), sc, k0, n, sv[t]);
             for (int64_t k = k0; k < k0 + n; k++) {
                 _mm_prefetch((const char *)row + 64 * k + HM_VNNI_PREFETCH, _MM_HINT_T1);
-                __m512i b = _mm512_loadu_si512(row + 64 * k);
-                __asm__("" : "+v"(b)); /* one load: GCC would fold it into both the AND and the shift */
+                const __m512i b = _mm512_loadu_si512(row + 64 * k);
                 const __m512i lo = _mm512_and_si512(b, nib), hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
                 for (int t = 0; t < nt; t++) {
                     const uint32_t *xk = xb + t * words + k * 64;
-                    /* the high bytes' and the low bytes' products in two chains, joined by a shift and an add */
-                    __m512i ah = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xk));
-                    __m512i al = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xk + 32));
-                    ah = _mm512_dpbusd_epi32(ah, hi, _mm512_loadu_si512(xk + 16));
-                    al = _mm512_dpbusd_epi32(al, hi, _mm512_loadu_si512(xk + 48));
-                    const __m512i acc = _mm512_add_epi32(_mm512_slli_epi32(ah, 8), al);
+                    __m512i acc = _mm512_dpbusd_epi32(_mm512_setzero_si512(), lo, _mm512_loadu_si512(xk));
+                    acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xk + 16));
+                    acc = _mm512_slli_epi32(acc, 8);
+                    acc = _mm512_dpbusd_epi32(acc, lo, _mm512_loadu_si512(xk + 32));
+                    acc = _mm512_dpbusd_epi32(acc, hi, _mm512_loadu_si512(xk + 48));
                     const __m512 s = g32 ? _mm512_load_ps(sv[t] + 16 * (k - k0)) : _mm512_set1_ps(sv[t][k - k0]);
                     tot[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc), s, tot[t]);
                 }
