@@ -108,7 +108,8 @@ def gemv(x: torch.Tensor, w: QuantWeight, out: torch.Tensor | None = None, *, va
 
     The weights are read from memory once whatever T (past 64 tokens each tile of rows goes
     through the tokens 64 at a time while it is in cache); activations are rounded to bf16 for
-    the products (FP8 at one token with AVX512-FP16: to fp16), sums are fp32.
+    the products (at one token on avx512_bf16: FP8 with AVX512-FP16, times the block scales, to
+    fp16; BF16 not at all), sums are fp32.
     """
     return Gemv([w], what="gemv", variant=variant, threads=threads)(x, out)
 

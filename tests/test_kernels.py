@@ -29,7 +29,7 @@ def _shapes(fmt):
 
 def _fp16_path(variant, fmt, tokens):
     """Whether the call takes FP8's one-token FP16 kernel, which rounds the activations to fp16 (11
-    bits of mantissa) instead of bf16 (8) and sums products in fp16 four to a lane."""
+    bits of mantissa) instead of bf16 (8) and sums products in fp16 sixteen to a lane."""
     return variant == "avx512_bf16" and fmt == "fp8_b128" and tokens == 1 and _kernels.fp16_enabled()
 
 
