@@ -98,8 +98,7 @@ HM_FP16 static inline __m512i hm_fp16x32(const float *x, __m512 s) {
  * decode's 2^-8. */
 typedef struct {
     const float *sc;      /* the row block's scales (NULL: empty slot) */
-    const uint32_t *xb;   /* the activations' layout, */
-    uint64_t gen;         /* ... and its generation */
+    uint64_t gen;         /* the generation of the activations' layout (one per layout built) */
     float back;
     uint16_t *x;
 } hm_fold;
@@ -144,7 +143,7 @@ HM_FP16 static const hm_fold *hm_fold_get(const hm_weight *w, int64_t rb, const 
     uint64_t gen;
     memcpy(&gen, xb + hm_fp16_gen_word(w->cols), sizeof gen);
     for (int i = 0; i < HM_FOLD_SLOTS; i++)
-        if (hm_folds[i].sc == sc && hm_folds[i].xb == xb && hm_folds[i].gen == gen) return &hm_folds[i];
+        if (hm_folds[i].sc == sc && hm_folds[i].gen == gen) return &hm_folds[i];
     const size_t need = (size_t)(w->cols / 64 * 64);
     if (need > hm_fold_cols) {
         free(hm_fold_mem);
@@ -156,7 +155,7 @@ HM_FP16 static const hm_fold *hm_fold_get(const hm_weight *w, int64_t rb, const 
     hm_fold *f = &hm_folds[hm_fold_next];
     hm_fold_next = (hm_fold_next + 1) % HM_FOLD_SLOTS;
     hm_fold_build(w, sc, xb, f);
-    f->sc = sc, f->xb = xb, f->gen = gen;
+    f->sc = sc, f->gen = gen;
     return f;
 }
 
