@@ -19,8 +19,8 @@ from shared.quant import QuantWeight, fp8_scale_shape, int4_group
 
 ALIGN = 64
 MAX_TOKENS = 64  # the kernels' token segment (GEMV and MoE calls take any number, in segments of this many)
-# The most scratch memory one C MoE call asks for: DeepSeek-V3's experts take 716 tokens of top-8
-# a call within it (about 22 an expert), Qwen3-30B-A3B's 2259.
+# The most scratch memory one C MoE call asks for: DeepSeek-V3's experts take 609 tokens of top-8
+# a call within it (about 19 an expert), Qwen3-30B-A3B's 1872.
 MOE_SCRATCH_BYTES = 256 << 20
 _FMT = {"dense": 0, "fp8_b128": 1, "int4_g32": 2, "int4_g128": 2}
 _DATA_DTYPE = {"dense": torch.bfloat16, "fp8_b128": torch.float8_e4m3fn, "int4_g32": torch.uint8,
@@ -527,13 +527,15 @@ class Experts:
 
     def tokens_per_call(self, k: int, code: int) -> int:
         """How many tokens of top-``k`` routing one C call takes within ``MOE_SCRATCH_BYTES``: its
-        scratch is each token's prepared row and, per (token, expert) pair, the gathered row, the
-        SiLU product in fp32 and prepared, and both in the AMX layout (bf16) as well. Bounded so
-        that a 16K-token prefill chunk of DeepSeek-V3 does not ask for 18 GB at once; the C side
-        keeps the scratch from call to call (one arena per calling thread)."""
+        scratch is each token's prepared row and, per (token, expert) pair, the gathered row with
+        gate's and up's outputs in fp32 (whose room the pair's down output in fp32 takes over),
+        the SiLU product prepared, and the inputs in the AMX layout (bf16). Bounded so that a
+        16K-token prefill chunk of DeepSeek-V3 does not ask for 20 GB at once; the C side keeps the
+        scratch from call to call (one arena per calling thread)."""
         esz = _kernels.xp_bytes_per_element(code)
         D, I = self.D, self.weights[0].shape[1]
-        return max(1, MOE_SCRATCH_BYTES // (D * esz + k * (D * esz + I * (4 + esz) + 2 * (D + I))))
+        pair = max(D * esz + 8 * I, 4 * D) + I * esz + 2 * (D + I)
+        return max(1, MOE_SCRATCH_BYTES // (D * esz + k * pair))
 
     def run(self, checked: tuple, threads: int | None = None) -> torch.Tensor:
         """The call on :meth:`check`'s result (on ``threads`` when given, else the binding's)."""

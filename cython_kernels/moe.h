@@ -94,10 +94,7 @@ static void hm_build_kernel_xb_in(const hm_weight *w, const void *xp, const floa
 
 /* The first HM_HEAD_PF bytes of rows r0.. of w (contiguous) into L2, ahead of a kernel that will
  * start there: the kernels prefetch their own rows a few KB ahead, so where a thread moves from one
- * weight's rows to another's (a MoE tile's gate rows to its up rows; the down projection's tile of
- * rows from one expert to the next, every 32 KB at DeepSeek-V3's FP8 shapes) the other's first
- * lines came from DRAM on demand. Measured, top-8 layer at one token, alternating runs: FP8
- * 15.3-15.5 against 16.1-17.1 ms, INT4 g128 7.4-7.6 against 7.6-7.7 ms. */
+ * weight's rows to another's the other's first lines would come from DRAM on demand. */
 #define HM_HEAD_PF 4096
 static inline void hm_prefetch_rows_head(const hm_weight *w, int64_t r0) {
     const int64_t rb = w->fmt == HM_DENSE_BF16 ? 2 * w->cols : w->fmt == HM_FP8_B128 ? w->cols : w->cols / 2;
@@ -238,13 +235,30 @@ static int hm_segment_tokens(int variant, const hm_weight *gate, const hm_weight
     return HM_MAX_TOKENS;
 }
 
+/* At the end of a thread's tile `tile` of a weight-streaming loop whose weights change every
+ * `per` tiles: the next weight's first rows into L2 (guided hands out runs of consecutive tiles,
+ * so the thread most likely goes on there). */
+static inline void hm_prefetch_next_weight(int64_t tile, int64_t per, int64_t tiles, const hm_weight *next) {
+    if ((tile + 1) % per == 0 && tile + 1 < tiles) hm_prefetch_rows_head(next, 0);
+}
+
 /* out [T][D] = sum_j wts[t][j] * expert_{ids[t][j]}(x[t]) with expert(x) = down(silu(gate x) * up x).
  * gate/up are stacked [E, I, D], down [E, D, I]. An id of -1 is no expert (its pair is skipped: an
  * expert-parallel rank passes the pairs of other ranks' experts so). Any number of tokens: an
  * expert's (token, weight) pairs run in segments (hm_segment_tokens), and a tile of the expert's
  * rows goes through all its segments while those rows are in cache, so that a prefill chunk reads
- * each chosen expert's weights from memory once. Scratch memory grows with T * k (the caller
- * bounds it). Returns 0, -2 (before any work) if an id lies outside [-1, E), or -1 if memory ran out. */
+ * each chosen expert's weights from memory once.
+ *
+ * Every weight (each active expert's gate, up and down) is its own run of tiles, one after the
+ * other, so that guided scheduling hands each thread long stretches of one weight's rows: one
+ * linear stream, as a plain GEMV reads. Down's outputs go per (token, expert) pair to scratch and
+ * are summed per token at the end. (Tiles that held gate and up rows together, and down tiles
+ * that owned a block of output rows across all experts, switched streams every 57-114 KB: a top-8
+ * DeepSeek-V3 layer at one token ran 7 % slower, FP8 and INT4 g128 alike, measured alternating
+ * in one process.)
+ *
+ * Scratch memory grows with T * k (the caller bounds it; see api.Experts.tokens_per_call).
+ * Returns 0, -2 (before any work) if an id lies outside [-1, E), or -1 if memory ran out. */
 static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *up, const hm_weight *down,
                           int64_t E, const float *x, int T, int k, const int64_t *ids, const float *wts,
                           float *out, int nthreads) {
@@ -269,14 +283,12 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
     int *tok = malloc(sizeof(int) * (size_t)n), *act = malloc(sizeof(int) * (size_t)na);
     float *tw = malloc(sizeof(float) * (size_t)n);
     int64_t *seg = malloc(sizeof(int64_t) * (size_t)(ns + 1)), *aseg = malloc(sizeof(int64_t) * (size_t)(na + 1));
-    /* per thread: a tile's up (or down) outputs, [HM_MAX_TOKENS][HM_ROWS_PER_TILE] */
-    float *ytmp_all = malloc(sizeof(float) * (size_t)nthreads * HM_MAX_TOKENS * HM_ROWS_PER_TILE);
     /* each segment's activations in the AMX / VNNI / one-token layout of gate and up, and of down
      * (NULL where none applies), in the arena */
     uint32_t **xbg = calloc((size_t)ns + 1, sizeof(uint32_t *)), **xbd = calloc((size_t)ns + 1, sizeof(uint32_t *));
     size_t *xbo = malloc(sizeof(size_t) * (size_t)(2 * ns + 1));
     int rc = -1;
-    if (!tok || !act || !tw || !seg || !aseg || !ytmp_all || !xbg || !xbd || !xbo) goto done;
+    if (!tok || !act || !tw || !seg || !aseg || !xbg || !xbd || !xbo) goto done;
     {
         int64_t off = 0, a = 0, s = 0;
         for (int64_t e = 0; e < E; e++) {
@@ -289,11 +301,15 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
         }
         aseg[na] = ns, seg[ns] = n;
     }
-    /* The arena: xw [T][D] and xg [n][D] prepared, g [n][I] SiLU(gate) * up of pair p, hp [n][I]
-     * prepared, then the segments' layouts (xbo: their offsets, 0 for none). */
+    /* The arena: xw [T][D] prepared; then a region that holds xg [n][D] prepared and g, u [n][I]
+     * (gate x, up x; then SiLU(gate) * up in g) until the down projection's inputs are ready, and
+     * yd [n][D] (down's output per pair) after; hp [n][I] prepared; then the segments' layouts
+     * (xbo: their offsets, 0 for none). */
     const size_t nxw = hm_up64((size_t)T * (size_t)D * esz), nxg = hm_up64((size_t)n * (size_t)D * esz),
-                 ng = hm_up64(sizeof(float) * (size_t)n * (size_t)I), nhp = hm_up64((size_t)n * (size_t)I * esz);
-    size_t total = nxw + nxg + ng + nhp;
+                 ng = hm_up64(sizeof(float) * (size_t)n * (size_t)I), nyd = hm_up64(sizeof(float) * (size_t)n * (size_t)D),
+                 nhp = hm_up64((size_t)n * (size_t)I * esz);
+    const size_t nreg = nxg + 2 * ng > nyd ? nxg + 2 * ng : nyd;
+    size_t total = nxw + nreg + nhp;
     for (int64_t q = 0; q < 2 * ns; q++) {
         const size_t b = hm_kernel_xb_bytes(variant, q < ns ? gate : down, (int)(seg[q % ns + 1] - seg[q % ns]));
         xbo[q] = b ? total : 0;
@@ -301,8 +317,8 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
     }
     char *arena = hm_scratch(total);
     if (!arena) goto done;
-    void *xw = arena, *xg = arena + nxw, *hp = arena + nxw + nxg + ng;
-    float *g = (float *)(arena + nxw + nxg);
+    void *xw = arena, *xg = arena + nxw, *hp = arena + nxw + nreg;
+    float *g = (float *)(arena + nxw + nxg), *u = (float *)(arena + nxw + nxg + ng), *yd = (float *)(arena + nxw);
     for (int64_t s = 0; s < ns; s++) {
         xbg[s] = xbo[s] ? (uint32_t *)(arena + xbo[s]) : NULL;
         xbd[s] = xbo[ns + s] ? (uint32_t *)(arena + xbo[ns + s]) : NULL;
@@ -318,7 +334,6 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
     const int64_t dt = (D + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
 #pragma omp parallel num_threads(nthreads)
     {
-        float *ytmp = ytmp_all + (size_t)omp_get_thread_num() * HM_MAX_TOKENS * HM_ROWS_PER_TILE;
         /* 0: for the AMX and VNNI paths, each segment's activations in their layout (NULL: not used;
          * the layout depends on the weights' format and shape, not on which expert). */
 #pragma omp for schedule(dynamic, 1)
@@ -329,54 +344,62 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
                 hm_build_kernel_xb_in(gate, (const char *)xg + (size_t)p0 * D * esz,
                                       te == 1 ? x + (size_t)tok[p0] * D : NULL, te, xbg[s]);
         }
-        /* 1: gate and up for every (active expert, block of I rows) over the expert's segments,
-         * then SiLU(gate) * up. */
+        /* 1: gate, then up, of each active expert: tiles of I rows over the expert's segments */
 #pragma omp for schedule(guided)
-        for (int64_t tile = 0; tile < na * it; tile++) {
-            const int64_t a = tile / it;
-            const int64_t r0 = (tile % it) * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < I ? r0 + HM_ROWS_PER_TILE : I;
-            const hm_weight wg = hm_expert(gate, act[a]), wu = hm_expert(up, act[a]);
-            hm_prefetch_rows_head(&wu, r0);
+        for (int64_t tile = 0; tile < na * 2 * it; tile++) {
+            const int64_t a = tile / (2 * it), m = tile / it % 2; /* m: 0 gate, 1 up */
+            const int64_t r0 = tile % it * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < I ? r0 + HM_ROWS_PER_TILE : I;
+            const hm_weight w = hm_expert(m ? up : gate, act[a]);
+            float *y = m ? u : g;
             for (int64_t s = aseg[a]; s < aseg[a + 1]; s++) {
                 const int64_t p0 = seg[s];
-                const int te = (int)(seg[s + 1] - p0);
-                const void *xa = (const char *)xg + (size_t)p0 * D * esz;
-                hm_gemv_rows(variant, &wg, xa, xbg[s], te, g + p0 * I, I, r0, r1);
-                hm_gemv_rows(variant, &wu, xa, xbg[s], te, ytmp - r0, HM_ROWS_PER_TILE, r0, r1);
-                for (int t = 0; t < te; t++)
-                    for (int64_t r = r0; r < r1; r++)
-                        g[(p0 + t) * I + r] = hm_silu(g[(p0 + t) * I + r]) * ytmp[t * HM_ROWS_PER_TILE + (r - r0)];
+                hm_gemv_rows(variant, &w, (const char *)xg + (size_t)p0 * D * esz, xbg[s], (int)(seg[s + 1] - p0),
+                             y + p0 * I, I, r0, r1);
+            }
+            if (tile + 1 < na * 2 * it) {
+                const hm_weight next = hm_expert(m ? gate : up, act[m ? a + 1 : a]);
+                hm_prefetch_next_weight(tile, it, na * 2 * it, &next);
             }
         }
-        /* 2: the down projection's inputs, prepared per pair. */
+        /* 2: SiLU(gate) * up, and the down projection's inputs prepared, per pair */
 #pragma omp for schedule(static)
-        for (int64_t p = 0; p < n; p++) hm_prepare_x(variant, down->fmt, g + (size_t)p * I, 1, I, (char *)hp + (size_t)p * I * esz);
+        for (int64_t p = 0; p < n; p++) {
+            float *gp = g + (size_t)p * I;
+            const float *up_ = u + (size_t)p * I;
+            for (int64_t r = 0; r < I; r++) gp[r] = hm_silu(gp[r]) * up_[r];
+            hm_prepare_x(variant, down->fmt, gp, 1, I, (char *)hp + (size_t)p * I * esz);
+        }
 #pragma omp for schedule(dynamic, 1)
         for (int64_t s = 0; s < ns; s++) {
             if (xbd[s])
                 hm_build_kernel_xb_in(down, (const char *)hp + (size_t)seg[s] * I * esz, g + (size_t)seg[s] * I,
                                       (int)(seg[s + 1] - seg[s]), xbd[s]);
         }
-        /* 3: down for every block of D rows over all segments; a tile owns its output rows. */
-#pragma omp for schedule(guided) nowait
-        for (int64_t tile = 0; tile < dt; tile++) {
-            const int64_t r0 = tile * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < D ? r0 + HM_ROWS_PER_TILE : D;
-            for (int64_t a = 0; a < na; a++) {
-                const hm_weight wd = hm_expert(down, act[a]);
-                if (a + 1 < na || r1 < D) { /* the next expert's rows here, or the first's of the next tile */
-                    const hm_weight wn = hm_expert(down, act[a + 1 < na ? a + 1 : 0]);
-                    hm_prefetch_rows_head(&wn, a + 1 < na ? r0 : r1);
-                }
-                for (int64_t s = aseg[a]; s < aseg[a + 1]; s++) {
-                    const int64_t p0 = seg[s];
-                    const int te = (int)(seg[s + 1] - p0);
-                    /* rows r0..r1 land at ytmp[t * HM_ROWS_PER_TILE + (r - r0)] */
-                    hm_gemv_rows(variant, &wd, (const char *)hp + (size_t)p0 * I * esz, xbd[s], te, ytmp - r0,
-                                 HM_ROWS_PER_TILE, r0, r1);
-                    for (int t = 0; t < te; t++)
-                        for (int64_t r = r0; r < r1; r++)
-                            out[(int64_t)tok[p0 + t] * D + r] += tw[p0 + t] * ytmp[t * HM_ROWS_PER_TILE + (r - r0)];
-                }
+        /* (xg, g and u are spent: yd takes their room) */
+        /* 3: down of each active expert: tiles of D rows over the expert's segments, into yd */
+#pragma omp for schedule(guided)
+        for (int64_t tile = 0; tile < na * dt; tile++) {
+            const int64_t a = tile / dt;
+            const int64_t r0 = tile % dt * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < D ? r0 + HM_ROWS_PER_TILE : D;
+            const hm_weight w = hm_expert(down, act[a]);
+            for (int64_t s = aseg[a]; s < aseg[a + 1]; s++) {
+                const int64_t p0 = seg[s];
+                hm_gemv_rows(variant, &w, (const char *)hp + (size_t)p0 * I * esz, xbd[s], (int)(seg[s + 1] - p0),
+                             yd + p0 * D, D, r0, r1);
+            }
+            if (tile + 1 < na * dt) {
+                const hm_weight next = hm_expert(down, act[a + 1 < na ? a + 1 : a]);
+                hm_prefetch_next_weight(tile, dt, na * dt, &next);
+            }
+        }
+        /* 4: out[t] = sum over t's pairs of their weight times yd, a block of columns per thread */
+#pragma omp for schedule(static) nowait
+        for (int64_t c0 = 0; c0 < D; c0 += 256) {
+            const int64_t c1 = c0 + 256 < D ? c0 + 256 : D;
+            for (int64_t p = 0; p < n; p++) {
+                float *o = out + (int64_t)tok[p] * D;
+                const float *yp = yd + p * D, wp = tw[p];
+                for (int64_t c = c0; c < c1; c++) o[c] += wp * yp[c];
             }
         }
         hm_gemv_thread_done();
@@ -384,7 +407,6 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
     rc = 0;
 done:
     free(xbg); free(xbd); free(xbo);
-    free(ytmp_all);
     free(count); free(pos); free(tok); free(act); free(tw); free(seg); free(aseg);
     return rc;
 }

@@ -390,6 +390,23 @@ def test_moe_forward_amx_matches_reference(amx_switch, tokens, fmt):
     assert (out - ref).abs().max() / ref.abs().max() < 1e-2
 
 
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("I", [16, 96])
+def test_moe_down_outputs_reuse_the_spent_scratch(variant, I):
+    """Down's per-pair outputs [n, D] take over the room of the gathered inputs and of gate's and
+    up's outputs once those are spent; with I small beside D (16 against 256) they need more room
+    than those held. Both layouts match the reference, at a decode step and over two segments."""
+    gate, up, down = _experts("fp8_b128", I=I, seed=I)
+    g = torch.Generator().manual_seed(I)
+    for tokens in (1, 150):
+        x = torch.randn(tokens, 256, generator=g)
+        ids = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(tokens)])
+        weights = torch.rand(tokens, 2, generator=g)
+        ref = RoutedExperts(gate, up, down)(x.bfloat16().float(), ids, weights)
+        out = api.moe_forward(x, ids, weights, gate, up, down, variant=variant, threads=2)
+        assert (out - ref).abs().max() / ref.abs().max() < 1e-2
+
+
 def test_moe_no_expert_ids_and_split_calls(monkeypatch):
     """An id of -1 adds nothing (the reference without that pair), a call whose ids are all -1
     returns zeros, and a call beyond the scratch budget runs as several C calls with the same
