@@ -54,8 +54,13 @@ def run_weights(cfg: Config) -> int:
         if bar is not None:
             bar.close()
     size = sum(s["size"] for s in manifest["segments"])
+    huge = weight_store.shm_huge_pages()
     log.info("published", model=manifest["model"], segments=len(manifest["segments"]), gib=round(size / 2**30, 3),
-             seconds=round(time.perf_counter() - t0, 2), reused=manifest["published"] < started)
+             seconds=round(time.perf_counter() - t0, 2), reused=manifest["published"] < started, shm_huge=huge)
+    if huge in ("never", "deny"):
+        log.warning("the weights are in 4 KB pages", shm_huge=huge,
+                    hint="mount -o remount,huge=advise /dev/shm before the weights service starts: the CPU "
+                         "kernels read 2 MB pages faster (README, Huge pages)")
     notify("READY=1")
     try:
         stopper.event.wait()

@@ -155,6 +155,42 @@ def test_weight_store_publish_attach_reuse_unlink(tiny_models, tmp_path, quant):
         weight_store.attach(tmp_path / "nothing.json")
 
 
+def test_shm_huge_pages_reads_the_mount_option(tmp_path):
+    mounts = tmp_path / "mounts"
+    assert weight_store.shm_huge_pages(tmp_path / "missing") == "never"
+    mounts.write_text("proc /proc proc rw 0 0\ntmpfs /dev/shm tmpfs rw,nosuid,nodev 0 0\n")
+    assert weight_store.shm_huge_pages(mounts) == "never"
+    mounts.write_text("tmpfs /run tmpfs rw,huge=always 0 0\ntmpfs /dev/shm tmpfs rw,nosuid,huge=advise 0 0\n")
+    assert weight_store.shm_huge_pages(mounts) == "advise"
+    # remounted: the last line is the one in effect
+    mounts.write_text("tmpfs /dev/shm tmpfs rw,huge=advise 0 0\ntmpfs /dev/shm tmpfs rw,size=4g,huge=within_size 0 0\n")
+    assert weight_store.shm_huge_pages(mounts) == "within_size"
+
+
+def test_weight_store_asks_for_huge_pages_on_every_mapping(tiny_models, tmp_path, monkeypatch):
+    """The writer's mapping (before its first write: that is when the tmpfs allocates) and each
+    reader's mapping of every segment are advised MADV_HUGEPAGE."""
+    advised = []
+    real = weight_store._advise_huge
+
+    def record(mm):
+        advised.append(mm.size())
+        real(mm)
+
+    monkeypatch.setattr(weight_store, "_advise_huge", record)
+    ns = f"testhuge{os.getpid()}"
+    manifest = weight_store.publish(tiny_models["tiny-qwen3-moe", "fp8"], tmp_path / "w.json", namespace=ns)
+    try:
+        sizes = [seg["size"] for seg in manifest["segments"]]
+        assert advised == sizes  # the writer's, one per segment
+        advised.clear()
+        a = weight_store.attach(tmp_path / "w.json")
+        assert advised == sizes  # the reader's
+        a.close()
+    finally:
+        weight_store.unlink(manifest)
+
+
 def test_weight_store_quantizes_at_publish_time(tiny_models, tmp_path, monkeypatch):
     """Experts are written into their segment one at a time (the stacked loader is never called,
     so no layer's experts are held twice), and equal, bit for bit, the stack quantized whole."""

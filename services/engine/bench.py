@@ -181,11 +181,12 @@ def run(preset: str = "qwen3-30b-a3b", layers: int = 4, quant: str = "fp8", mode
 def _run_loaded(model: CausalLM, path: Path, bw: float, threads: int, prompt_len: int, steps: int, device: str,
                 weights: str) -> dict:
     on_cpu = torch.device(device).type == "cpu"
-    print(f"model {path} (weights: {weights}); {threads} threads; measured memory-read bandwidth {bw:.1f} GB/s; "
-          f"attention on {device}")
+    huge = weight_store.shm_huge_pages() if weights == "shm" else None
+    print(f"model {path} (weights: {weights}{f', /dev/shm huge={huge}' if huge else ''}); {threads} threads; "
+          f"measured memory-read bandwidth {bw:.1f} GB/s; attention on {device}")
     nbytes = step_bytes(model, experts_only=not on_cpu)
-    report: dict = {"model": str(path), "weights": weights, "threads": threads, "memory_bandwidth_gbps": bw,
-                    "device": device,
+    report: dict = {"model": str(path), "weights": weights, "shm_huge": huge, "threads": threads,
+                    "memory_bandwidth_gbps": bw, "device": device,
                     "step_bytes_one_token": nbytes, "step_bytes_counted": "all" if on_cpu else "routed experts",
                     "decode": [], "prompt_len": prompt_len}
     for overlap in (False, True):
