@@ -408,6 +408,9 @@ def test_bench_decode_smoke(tiny_models, tmp_path):
     assert all(r["tok_s"] > 0 for r in report["decode"]) and report["prefill_tok_s"] > 0
     assert 0 < report["decode"][0]["fraction_of_bandwidth"]
     assert report["weights"] == "shm"
+    from shared import weight_store
+
+    assert report["shm_huge"] == weight_store.shm_huge_pages()
 
 
 def test_bench_loads_weights_as_the_services_do(tiny_models):

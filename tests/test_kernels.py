@@ -523,6 +523,23 @@ def test_read_sum_is_exact_over_sizes_and_threads():
             assert _kernels.read_sum(b.data_ptr(), 8 * n, threads) == b[:n].sum().item()
 
 
+def test_kernel_bench_huge_page_read_only_where_huge_pages_were_granted(monkeypatch, tmp_path):
+    """The 2 MB-page read is reported only where the kernel allows transparent huge pages and the
+    buffer got them; elsewhere None, not a 4 KB-page read under that name."""
+    from cython_kernels import bench
+
+    thp = tmp_path / "enabled"
+    thp.write_text("always madvise [never]\n")
+    assert bench.huge_page_read_bandwidth(2, thp, 32 << 20) is None
+    assert bench.huge_page_read_bandwidth(2, tmp_path / "missing", 32 << 20) is None
+    thp.write_text("always [madvise] never\n")
+    monkeypatch.setattr(bench, "_time", lambda fn, copies, min_seconds=0.3: (fn(0), 0.01)[1])
+    monkeypatch.setattr(bench, "_anon_huge_bytes", lambda: 0)
+    assert bench.huge_page_read_bandwidth(2, thp, 32 << 20) is None
+    monkeypatch.setattr(bench, "_anon_huge_bytes", lambda: 32 << 20)
+    assert bench.huge_page_read_bandwidth(2, thp, 32 << 20) == pytest.approx((32 << 20) / 0.01 / 1e9)
+
+
 def test_kernel_bench_holds_each_problem_to_a_read_of_its_own_bytes(monkeypatch):
     """``hybridmoe bench kernels``' bookkeeping: each record's fraction is of the bandwidth at which
     a plain read of the same weight copies (a MoE layer: of the experts each routing chose) ran
