@@ -235,13 +235,6 @@ static int hm_segment_tokens(int variant, const hm_weight *gate, const hm_weight
     return HM_MAX_TOKENS;
 }
 
-/* At the end of a thread's tile `tile` of a weight-streaming loop whose weights change every
- * `per` tiles: the next weight's first rows into L2 (guided hands out runs of consecutive tiles,
- * so the thread most likely goes on there). */
-static inline void hm_prefetch_next_weight(int64_t tile, int64_t per, int64_t tiles, const hm_weight *next) {
-    if ((tile + 1) % per == 0 && tile + 1 < tiles) hm_prefetch_rows_head(next, 0);
-}
-
 /* out [T][D] = sum_j wts[t][j] * expert_{ids[t][j]}(x[t]) with expert(x) = down(silu(gate x) * up x).
  * gate/up are stacked [E, I, D], down [E, D, I]. An id of -1 is no expert (its pair is skipped: an
  * expert-parallel rank passes the pairs of other ranks' experts so). Any number of tokens: an
@@ -356,9 +349,9 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
                 hm_gemv_rows(variant, &w, (const char *)xg + (size_t)p0 * D * esz, xbg[s], (int)(seg[s + 1] - p0),
                              y + p0 * I, I, r0, r1);
             }
-            if (tile + 1 < na * 2 * it) {
+            if ((tile + 1) % it == 0 && tile + 1 < na * 2 * it) { /* the next weight's first rows, as in 3 */
                 const hm_weight next = hm_expert(m ? gate : up, act[m ? a + 1 : a]);
-                hm_prefetch_next_weight(tile, it, na * 2 * it, &next);
+                hm_prefetch_rows_head(&next, 0);
             }
         }
         /* 2: SiLU(gate) * up, and the down projection's inputs prepared, per pair */
@@ -387,9 +380,11 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
                 hm_gemv_rows(variant, &w, (const char *)hp + (size_t)p0 * I * esz, xbd[s], (int)(seg[s + 1] - p0),
                              yd + p0 * D, D, r0, r1);
             }
-            if (tile + 1 < na * dt) {
-                const hm_weight next = hm_expert(down, act[a + 1 < na ? a + 1 : a]);
-                hm_prefetch_next_weight(tile, dt, na * dt, &next);
+            /* at the end of a weight, the next one's first rows: guided hands out runs of
+             * consecutive tiles, so this thread most likely goes on there */
+            if ((tile + 1) % dt == 0 && tile + 1 < na * dt) {
+                const hm_weight next = hm_expert(down, act[a + 1]);
+                hm_prefetch_rows_head(&next, 0);
             }
         }
         /* 4: out[t] = sum over t's pairs of their weight times yd, a block of columns per thread */
