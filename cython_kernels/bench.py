@@ -62,6 +62,11 @@ def _time(fn, copies: int, min_seconds: float = 0.3) -> float:
             return elapsed / calls
 
 
+def _roofline_bytes() -> int:
+    """The machine-bandwidth reads' buffer: 1 GiB or twice the last-level cache, the larger."""
+    return max(1 << 30, 2 * _last_level_cache_bytes())
+
+
 def memory_bandwidth(threads: int) -> float:
     """GB/s read with all threads from a buffer of 1 GiB or twice the last-level cache, whichever
     is larger: the best of three passes by each of two readers, torch's sum and a plain C sum
@@ -69,7 +74,7 @@ def memory_bandwidth(threads: int) -> float:
     come from); the best, because a shared machine's noise only ever lowers it. The machine's
     figure, printed first; each problem is held to ``read_bandwidth`` of its own bytes."""
     torch.set_num_threads(threads)
-    buf = torch.ones(max(1 << 30, 2 * _last_level_cache_bytes()) // 8, dtype=torch.int64)
+    buf = torch.ones(_roofline_bytes() // 8, dtype=torch.int64)
     n = buf.numel() * 8
     readers = (lambda i: buf.sum(), lambda i: _kernels.read_sum(buf.data_ptr(), n, threads))
     return max(n / _time(f, 1, 0.5) / 1e9 for f in readers for _ in range(3))
@@ -77,7 +82,7 @@ def memory_bandwidth(threads: int) -> float:
 
 def huge_page_read_bandwidth(threads: int, thp: str | Path = "/sys/kernel/mm/transparent_hugepage/enabled",
                              nbytes: int | None = None) -> float | None:
-    """GB/s of the C sum over the same size of buffer as :func:`memory_bandwidth`'s, in anonymous
+    """GB/s of the C sum over a buffer of :func:`_roofline_bytes` (or ``nbytes``), in anonymous
     memory advised into 2 MB pages (best of three): what this machine reads when the weights sit
     in huge pages (README, "Huge pages"). None where the kernel grants none (``thp`` says never or
     cannot be read). The kernels' fractions stay held to reads of their own bytes in 4 KB pages,
@@ -87,7 +92,7 @@ def huge_page_read_bandwidth(threads: int, thp: str | Path = "/sys/kernel/mm/tra
             return None
     except OSError:
         return None
-    n = nbytes or max(1 << 30, 2 * _last_level_cache_bytes())
+    n = nbytes or _roofline_bytes()
     with mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS) as mm:  # (shared: shmem, not THP)
         try:
             mm.madvise(mmap.MADV_HUGEPAGE)
@@ -95,13 +100,11 @@ def huge_page_read_bandwidth(threads: int, thp: str | Path = "/sys/kernel/mm/tra
             return None
         buf = torch.frombuffer(mm, dtype=torch.int64)
         buf.fill_(1)  # (the pages are allocated here, huge where the kernel has them)
-        if _anon_huge_bytes() < n // 2:  # (none to be had: no figure rather than a mislabelled one)
-            del buf
-            return None
         ptr = buf.data_ptr()
-        best = max(n / _time(lambda i: _kernels.read_sum(ptr, n, threads), 1, 0.5) / 1e9 for _ in range(3))
-        del buf
-    return best
+        del buf  # (the mapping stays; it cannot close while a tensor holds it)
+        if _anon_huge_bytes() < n // 2:  # (none to be had: no figure rather than a mislabelled one)
+            return None
+        return max(n / _time(lambda i: _kernels.read_sum(ptr, n, threads), 1, 0.5) / 1e9 for _ in range(3))
 
 
 def _anon_huge_bytes() -> int:

@@ -168,9 +168,9 @@ HM_FP16 static inline __m512h hm_fp8_hi_fp16(__m512i v) {
  * even bytes are read one byte early, which puts them in the high halves (the byte before a
  * row's first is not read: it may lie outside the weight). */
 HM_FP16 static inline __attribute__((always_inline)) void hm_fp8_fp16_step(const uint8_t *row, int64_t c,
-                                                                          const uint16_t *xs, int64_t pf,
-                                                                          __m512h *ae, __m512h *ao) {
-    _mm_prefetch((const char *)(row + c + pf), HM_ROW_HINT);
+                                                                          const uint16_t *xs, __m512h *ae,
+                                                                          __m512h *ao) {
+    _mm_prefetch((const char *)(row + c + HM_PREFETCH), HM_ROW_HINT);
     __m512i even = c ? _mm512_loadu_si512(row + c - 1) : _mm512_maskz_loadu_epi8(~1ull, row - 1);
     *ae = _mm512_fmadd_ph(hm_fp8_hi_fp16(even), _mm512_load_ph(xs + c), *ae);
     *ao = _mm512_fmadd_ph(hm_fp8_hi_fp16(_mm512_loadu_si512(row + c)), _mm512_load_ph(xs + c + 32), *ao);
@@ -201,15 +201,15 @@ HM_FP16 static void hm_rows_fp8_t1_fp16(const hm_weight *w, const uint16_t *xp, 
         int64_t c = 0;
         for (; c < full4; c += 256) {
             __m512h ae = _mm512_setzero_ph(), ao = ae;
-            hm_fp8_fp16_step(row, c, xs, HM_PREFETCH, &ae, &ao);
-            hm_fp8_fp16_step(row, c + 64, xs, HM_PREFETCH, &ae, &ao);
-            hm_fp8_fp16_step(row, c + 128, xs, HM_PREFETCH, &ae, &ao);
-            hm_fp8_fp16_step(row, c + 192, xs, HM_PREFETCH, &ae, &ao);
+            hm_fp8_fp16_step(row, c, xs, &ae, &ao);
+            hm_fp8_fp16_step(row, c + 64, xs, &ae, &ao);
+            hm_fp8_fp16_step(row, c + 128, xs, &ae, &ao);
+            hm_fp8_fp16_step(row, c + 192, xs, &ae, &ao);
             total = _mm512_add_ps(total, hm_fp16_sums(ae, ao));
         }
         if (c < full) {
             __m512h ae = _mm512_setzero_ph(), ao = ae;
-            for (; c < full; c += 64) hm_fp8_fp16_step(row, c, xs, HM_PREFETCH, &ae, &ao);
+            for (; c < full; c += 64) hm_fp8_fp16_step(row, c, xs, &ae, &ao);
             total = _mm512_add_ps(total, hm_fp16_sums(ae, ao));
         }
         total = _mm512_mul_ps(total, _mm512_set1_ps(f->back));

@@ -235,6 +235,34 @@ static int hm_segment_tokens(int variant, const hm_weight *gate, const hm_weight
     return HM_MAX_TOKENS;
 }
 
+/* A weight-streaming phase of the MoE call, inside its parallel region (the loop is shared out
+ * among the region's threads): for each active expert a (act[0..na)), its nw stacked weights
+ * ws[0..nw), one after the other, each a run of tiles of HM_ROWS_PER_TILE rows that go through
+ * a's segments (seg[aseg[a]] .. seg[aseg[a + 1]]: pair p's input row at x + p * xrow bytes, the
+ * segment's kernel layout xbs[s]); weight j's output for pair p at ys[j] + p * ldy. At the end of
+ * a weight, a thread fetches the next one's first rows: guided hands out runs of consecutive
+ * tiles, so it most likely goes on there. */
+static void hm_moe_weight_tiles(int variant, const hm_weight *const *ws, int nw, float *const *ys, int64_t ldy,
+                                const int *act, int64_t na, const int64_t *aseg, const int64_t *seg, const char *x,
+                                size_t xrow, uint32_t *const *xbs) {
+    const int64_t rows = ws[0]->rows, per = (rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE, tiles = na * nw * per;
+#pragma omp for schedule(guided)
+    for (int64_t tile = 0; tile < tiles; tile++) {
+        const int64_t a = tile / (nw * per), j = tile / per % nw;
+        const int64_t r0 = tile % per * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < rows ? r0 + HM_ROWS_PER_TILE : rows;
+        const hm_weight w = hm_expert(ws[j], act[a]);
+        for (int64_t s = aseg[a]; s < aseg[a + 1]; s++) {
+            const int64_t p0 = seg[s];
+            hm_gemv_rows(variant, &w, x + (size_t)p0 * xrow, xbs[s], (int)(seg[s + 1] - p0), ys[j] + p0 * ldy, ldy,
+                         r0, r1);
+        }
+        if ((tile + 1) % per == 0 && tile + 1 < tiles) {
+            const hm_weight next = hm_expert(ws[(j + 1) % nw], act[j + 1 < nw ? a : a + 1]);
+            hm_prefetch_rows_head(&next, 0);
+        }
+    }
+}
+
 /* out [T][D] = sum_j wts[t][j] * expert_{ids[t][j]}(x[t]) with expert(x) = down(silu(gate x) * up x).
  * gate/up are stacked [E, I, D], down [E, D, I]. An id of -1 is no expert (its pair is skipped: an
  * expert-parallel rank passes the pairs of other ranks' experts so). Any number of tokens: an
@@ -323,8 +351,6 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
     hm_prepare_x(variant, gate->fmt, x, T, D, xw);
     for (int64_t p = 0; p < n; p++) memcpy((char *)xg + (size_t)p * D * esz, (char *)xw + (size_t)tok[p] * D * esz, (size_t)D * esz);
 
-    const int64_t it = (I + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
-    const int64_t dt = (D + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
 #pragma omp parallel num_threads(nthreads)
     {
         /* 0: for the AMX and VNNI paths, each segment's activations in their layout (NULL: not used;
@@ -337,23 +363,10 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
                 hm_build_kernel_xb_in(gate, (const char *)xg + (size_t)p0 * D * esz,
                                       te == 1 ? x + (size_t)tok[p0] * D : NULL, te, xbg[s]);
         }
-        /* 1: gate, then up, of each active expert: tiles of I rows over the expert's segments */
-#pragma omp for schedule(guided)
-        for (int64_t tile = 0; tile < na * 2 * it; tile++) {
-            const int64_t a = tile / (2 * it), m = tile / it % 2; /* m: 0 gate, 1 up */
-            const int64_t r0 = tile % it * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < I ? r0 + HM_ROWS_PER_TILE : I;
-            const hm_weight w = hm_expert(m ? up : gate, act[a]);
-            float *y = m ? u : g;
-            for (int64_t s = aseg[a]; s < aseg[a + 1]; s++) {
-                const int64_t p0 = seg[s];
-                hm_gemv_rows(variant, &w, (const char *)xg + (size_t)p0 * D * esz, xbg[s], (int)(seg[s + 1] - p0),
-                             y + p0 * I, I, r0, r1);
-            }
-            if ((tile + 1) % it == 0 && tile + 1 < na * 2 * it) { /* the next weight's first rows, as in 3 */
-                const hm_weight next = hm_expert(m ? gate : up, act[m ? a + 1 : a]);
-                hm_prefetch_rows_head(&next, 0);
-            }
-        }
+        /* 1: gate, then up, of each active expert, into g and u */
+        const hm_weight *gu[2] = {gate, up};
+        float *const gu_out[2] = {g, u};
+        hm_moe_weight_tiles(variant, gu, 2, gu_out, I, act, na, aseg, seg, (const char *)xg, (size_t)D * esz, xbg);
         /* 2: SiLU(gate) * up, and the down projection's inputs prepared, per pair */
 #pragma omp for schedule(static)
         for (int64_t p = 0; p < n; p++) {
@@ -369,24 +382,9 @@ static int hm_moe_forward(int variant, const hm_weight *gate, const hm_weight *u
                                       (int)(seg[s + 1] - seg[s]), xbd[s]);
         }
         /* (xg, g and u are spent: yd takes their room) */
-        /* 3: down of each active expert: tiles of D rows over the expert's segments, into yd */
-#pragma omp for schedule(guided)
-        for (int64_t tile = 0; tile < na * dt; tile++) {
-            const int64_t a = tile / dt;
-            const int64_t r0 = tile % dt * HM_ROWS_PER_TILE, r1 = r0 + HM_ROWS_PER_TILE < D ? r0 + HM_ROWS_PER_TILE : D;
-            const hm_weight w = hm_expert(down, act[a]);
-            for (int64_t s = aseg[a]; s < aseg[a + 1]; s++) {
-                const int64_t p0 = seg[s];
-                hm_gemv_rows(variant, &w, (const char *)hp + (size_t)p0 * I * esz, xbd[s], (int)(seg[s + 1] - p0),
-                             yd + p0 * D, D, r0, r1);
-            }
-            /* at the end of a weight, the next one's first rows: guided hands out runs of
-             * consecutive tiles, so this thread most likely goes on there */
-            if ((tile + 1) % dt == 0 && tile + 1 < na * dt) {
-                const hm_weight next = hm_expert(down, act[a + 1]);
-                hm_prefetch_rows_head(&next, 0);
-            }
-        }
+        /* 3: down of each active expert, into yd */
+        float *const d_out[1] = {yd};
+        hm_moe_weight_tiles(variant, &down, 1, d_out, D, act, na, aseg, seg, (const char *)hp, (size_t)I * esz, xbd);
         /* 4: out[t] = sum over t's pairs of their weight times yd, a block of columns per thread */
 #pragma omp for schedule(static) nowait
         for (int64_t c0 = 0; c0 < D; c0 += 256) {
