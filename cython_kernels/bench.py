@@ -62,6 +62,14 @@ def _time(fn, copies: int, min_seconds: float = 0.3) -> float:
             return elapsed / calls
 
 
+def _best(fn, copies: int, passes: int = 3, min_seconds: float = 0.1) -> float:
+    """Seconds per call, the best of ``passes`` runs of :func:`_time`: the statistic the reads they
+    are held to take (a shared machine's noise only ever slows a run), so that a fraction compares
+    like with like. (One 0.3 s mean against the best of four reads put the one-token FP8 kernel at
+    0.84-0.85 of a read that a C harness, best against best, put it at 0.86-0.92 of.)"""
+    return min(_time(fn, copies, min_seconds) for _ in range(passes))
+
+
 def _roofline_bytes() -> int:
     """The machine-bandwidth reads' buffer: 1 GiB or twice the last-level cache, the larger."""
     return max(1 << 30, 2 * _last_level_cache_bytes())
@@ -173,9 +181,9 @@ def bench_gemv(fmt: str, shape: tuple[int, int], threads: int, variant: str) -> 
         xb = x.bfloat16()
         out = torch.empty(T, shape[0])
         t_k, local = _beside(lambda: read_bandwidth(_bytes_of(ws), threads),
-                             lambda x=x, out=out: _time(lambda i: bound[i](x, out), len(ws)))
-        t_b = _time(lambda i, xb=xb: torch.matmul(xb, bf16[i].T), len(bf16))
-        t_f = _time(lambda i, x=x: torch.matmul(x, fp32[i].T), len(fp32))
+                             lambda x=x, out=out: _best(lambda i: bound[i](x, out), len(ws)))
+        t_b = _best(lambda i, xb=xb: torch.matmul(xb, bf16[i].T), len(bf16))
+        t_f = _best(lambda i, x=x: torch.matmul(x, fp32[i].T), len(fp32))
         gbps = one.nbytes / t_k / 1e9
         rows.append({"kind": "gemv", "format": fmt, "shape": list(shape), "tokens": T, "us": t_k * 1e6,
                      "gbps": gbps, "bandwidth_gbps": local, "fraction_of_bandwidth": gbps / local,
@@ -217,7 +225,7 @@ def bench_moe(fmt: str, E: int | None, I: int, D: int, top_k: int, threads: int,
         # mostly a fork and join). (A read of the whole stacked layer instead, one long stream per
         # thread, ran 2-4 % faster than 16 routings' experts read one by one, in one process.)
         chosen = [q.data[e] for r in routings for e in r.unique().tolist() for q in stacked]
-        t, local = _beside(lambda chosen=chosen: read_bandwidth(chosen, threads), lambda call=call: _time(call, 16))
+        t, local = _beside(lambda chosen=chosen: read_bandwidth(chosen, threads), lambda call=call: _best(call, 16))
         touched = sum(len(r.unique()) for r in routings) / len(routings) * per_expert
         gbps = touched / t / 1e9
         rows.append({"kind": "moe_layer", "format": fmt, "experts": E, "shape": [I, D], "top_k": top_k,

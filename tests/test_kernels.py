@@ -257,13 +257,15 @@ def test_amx_int4_offsets_with_biased_activations(amx_switch, fmt, tokens, int8)
 @AMX
 @pytest.mark.parametrize("fmt", ["int4_g128", "int4_g32"])
 def test_int4_two_tokens_take_amx_int8_on_long_rows(amx_switch, fmt):
-    """At two tokens INT4 takes VNNI on rows shorter than 4096 columns and AMX-INT8 from there on
-    (which is faster there since it keeps its tile configuration): both match the reference."""
+    """At two tokens INT4 in groups of 128 takes VNNI on rows shorter than 4096 columns and
+    AMX-INT8 from there on (which is faster there since it keeps its tile configuration); groups of
+    32 take VNNI on every row: all match the reference."""
     if not _kernels.amx_int8_available():
         pytest.skip("this CPU has no AMX-INT8")
     g = torch.Generator().manual_seed(11)
     amx_switch(True)
-    for cols, amx8 in ((2048, False), (4096, True)):
+    for cols in (2048, 4096):
+        amx8 = fmt == "int4_g128" and cols >= 4096
         w = _q(torch.randn(32, cols, generator=g) * 0.05, fmt)
         x = torch.randn(2, cols, generator=g)
         ref = x.bfloat16().double() @ dequantize(w).double().T
