@@ -65,8 +65,7 @@ def _time(fn, copies: int, min_seconds: float = 0.3) -> float:
 def _best(fn, copies: int, passes: int = 3, min_seconds: float = 0.1) -> float:
     """Seconds per call, the best of ``passes`` runs of :func:`_time`: the statistic the reads they
     are held to take (a shared machine's noise only ever slows a run), so that a fraction compares
-    like with like. (One 0.3 s mean against the best of four reads put the one-token FP8 kernel at
-    0.84-0.85 of a read that a C harness, best against best, put it at 0.86-0.92 of.)"""
+    like with like."""
     return min(_time(fn, copies, min_seconds) for _ in range(passes))
 
 
@@ -75,15 +74,15 @@ def _roofline_bytes() -> int:
     return max(1 << 30, 2 * _last_level_cache_bytes())
 
 
-def memory_bandwidth(threads: int) -> float:
-    """GB/s read with all threads from a buffer of 1 GiB or twice the last-level cache, whichever
-    is larger: the best of three passes by each of two readers, torch's sum and a plain C sum
-    prefetched into L2 as the kernels are (7-15 % faster than torch's on the machine these figures
-    come from); the best, because a shared machine's noise only ever lowers it. The machine's
-    figure, printed first; each problem is held to ``read_bandwidth`` of its own bytes."""
+def memory_bandwidth(threads: int, buf: torch.Tensor | None = None) -> float:
+    """GB/s read with all threads from ``buf`` or a new buffer of 1 GiB or twice the last-level
+    cache, whichever is larger: the best of three passes by each of two readers, torch's sum and a
+    plain C sum prefetched into L2 as the kernels are (7-15 % faster than torch's on the machine
+    these figures come from); the best, because a shared machine's noise only ever lowers it. The
+    machine's figure, printed first."""
     torch.set_num_threads(threads)
-    buf = torch.ones(_roofline_bytes() // 8, dtype=torch.int64)
-    n = buf.numel() * 8
+    buf = torch.ones(_roofline_bytes() // 8, dtype=torch.int64) if buf is None else buf
+    n = buf.numel() * buf.element_size() // 8 * 8
     readers = (lambda i: buf.sum(), lambda i: _kernels.read_sum(buf.data_ptr(), n, threads))
     return max(n / _time(f, 1, 0.5) / 1e9 for f in readers for _ in range(3))
 
@@ -126,14 +125,9 @@ def _anon_huge_bytes() -> int:
     return 0
 
 
-def read_bandwidth(tensors: list[torch.Tensor], threads: int) -> float:
+def read_bandwidth(tensors: list[torch.Tensor], threads: int, passes: int = 2) -> float:
     """GB/s of the C sum reading these tensors' bytes one after the other, all threads, best of
-    two passes: the roofline of a problem whose kernel reads the same bytes. On a shared VM the
-    machine's bandwidth drifts by a fifth over the minutes of a run (26-35 GB/s on the one these
-    figures come from) and from buffer to buffer by as much (in one process a plain read of 1 GiB
-    of weight copies ran at 26.5-27.5 GB/s while one 1 GiB buffer read 32; in another the order
-    was reversed), so a roofline read once, elsewhere, moved the same build's fractions by a tenth
-    from run to run."""
+    ``passes``."""
     spans = [(t.data_ptr(), t.numel() * t.element_size() // 8 * 8) for t in tensors]
     total = sum(n for _, n in spans)
 
@@ -141,14 +135,24 @@ def read_bandwidth(tensors: list[torch.Tensor], threads: int) -> float:
         for ptr, n in spans:
             _kernels.read_sum(ptr, n, threads)
 
-    return max(total / _time(once, 1, 0.05) / 1e9 for _ in range(2))
+    return max(total / _time(once, 1, 0.05) / 1e9 for _ in range(passes))
 
 
-def _beside(read, timed):
-    """timed()'s result, and read() just before and just after it (the larger)."""
-    before = read()
+def _beside(read, timed, machine=None):
+    """timed()'s result, the faster of read() just before and just after it, and the roofline it
+    is held to: the fastest of those and of machine() (a read of the machine-bandwidth buffer)
+    just before and just after.
+
+    Why both. The speed of a plain read depends on where the pages it reads happen to lie: in one
+    process on the VM these figures come from, 40 copies of a 2048 x 7168 FP8 weight read at
+    25-28 GB/s in one allocation and at 31-32 in another, the order reversing from process to
+    process, while the kernel ran at 25 GB/s on both. Held to its own bytes' read alone, a kernel
+    whose weights landed badly scored 0.93-1.0 of it. Held also to the machine's buffer, read the
+    same way beside it, it is held to what this machine can read."""
+    reads = [read()] + ([machine()] if machine else [])
     result = timed()
-    return result, max(before, read())
+    own = max(reads[0], read())
+    return result, own, max([own] + reads[1:] + ([machine()] if machine else []))
 
 
 def _paths(variant: str) -> dict[str, bool]:
@@ -162,7 +166,7 @@ def _bytes_of(ws: list[QuantWeight]) -> list[torch.Tensor]:
     return [t for w in ws for t in (w.data, w.scale) if t is not None]
 
 
-def bench_gemv(fmt: str, shape: tuple[int, int], threads: int, variant: str) -> list[dict]:
+def bench_gemv(fmt: str, shape: tuple[int, int], threads: int, variant: str, machine=None) -> list[dict]:
     g = torch.Generator().manual_seed(0)
     one = quantize(torch.randn(shape, generator=g).bfloat16() if fmt == "dense" else torch.randn(shape, generator=g),
                    fmt)
@@ -180,18 +184,19 @@ def bench_gemv(fmt: str, shape: tuple[int, int], threads: int, variant: str) -> 
         x = torch.randn(T, shape[1], generator=g)
         xb = x.bfloat16()
         out = torch.empty(T, shape[0])
-        t_k, local = _beside(lambda: read_bandwidth(_bytes_of(ws), threads),
-                             lambda x=x, out=out: _best(lambda i: bound[i](x, out), len(ws)))
+        t_k, own, roof = _beside(lambda: read_bandwidth(_bytes_of(ws), threads),
+                                 lambda x=x, out=out: _best(lambda i: bound[i](x, out), len(ws)), machine)
         t_b = _best(lambda i, xb=xb: torch.matmul(xb, bf16[i].T), len(bf16))
         t_f = _best(lambda i, x=x: torch.matmul(x, fp32[i].T), len(fp32))
         gbps = one.nbytes / t_k / 1e9
         rows.append({"kind": "gemv", "format": fmt, "shape": list(shape), "tokens": T, "us": t_k * 1e6,
-                     "gbps": gbps, "bandwidth_gbps": local, "fraction_of_bandwidth": gbps / local,
+                     "gbps": gbps, "own_bytes_gbps": own, "bandwidth_gbps": roof, "fraction_of_bandwidth": gbps / roof,
                      "vs_torch_bf16": t_b / t_k, "vs_torch_fp32": t_f / t_k})
     return rows
 
 
-def bench_moe(fmt: str, E: int | None, I: int, D: int, top_k: int, threads: int, variant: str) -> list[dict]:
+def bench_moe(fmt: str, E: int | None, I: int, D: int, top_k: int, threads: int, variant: str,
+              machine=None) -> list[dict]:
     """``E`` experts, or (None) enough that top-k touches a fraction (at least 32) and the layer
     is twice the last-level cache."""
     g = torch.Generator().manual_seed(1)
@@ -225,12 +230,13 @@ def bench_moe(fmt: str, E: int | None, I: int, D: int, top_k: int, threads: int,
         # mostly a fork and join). (A read of the whole stacked layer instead, one long stream per
         # thread, ran 2-4 % faster than 16 routings' experts read one by one, in one process.)
         chosen = [q.data[e] for r in routings for e in r.unique().tolist() for q in stacked]
-        t, local = _beside(lambda chosen=chosen: read_bandwidth(chosen, threads), lambda call=call: _best(call, 16))
+        t, own, roof = _beside(lambda chosen=chosen: read_bandwidth(chosen, threads), lambda call=call: _best(call, 16),
+                               machine)
         touched = sum(len(r.unique()) for r in routings) / len(routings) * per_expert
         gbps = touched / t / 1e9
         rows.append({"kind": "moe_layer", "format": fmt, "experts": E, "shape": [I, D], "top_k": top_k,
-                     "tokens": T, "us": t * 1e6, "gbps": gbps, "bandwidth_gbps": local,
-                     "fraction_of_bandwidth": gbps / local})
+                     "tokens": T, "us": t * 1e6, "gbps": gbps, "own_bytes_gbps": own, "bandwidth_gbps": roof,
+                     "fraction_of_bandwidth": gbps / roof})
     return rows
 
 
@@ -240,7 +246,12 @@ def run(json_path: str | None = None, threads: int | None = None, quick: bool = 
     variant = variant or cython_kernels.VARIANT
     if variant not in cython_kernels.supported_variants():
         raise ValueError(f"kernel variant {variant!r} is not one this CPU runs: {cython_kernels.supported_variants()}")
-    bw = memory_bandwidth(threads)
+    roof = torch.ones(_roofline_bytes() // 8, dtype=torch.int64)  # (kept: each problem is held to it too)
+    bw = memory_bandwidth(threads, roof)
+
+    def machine() -> float:
+        return read_bandwidth([roof], threads, passes=1)
+
     huge = huge_page_read_bandwidth(threads)
     paths = _paths(variant)
     print(f"kernel variant {variant} ({', '.join(k for k, on in paths.items() if on) or 'no AMX, VNNI or FP16'}), "
@@ -250,17 +261,17 @@ def run(json_path: str | None = None, threads: int | None = None, quick: bool = 
     shapes = dict(list(SHAPES.items())[:1]) if quick else SHAPES
     for fmt in FORMATS:
         for name, shape in shapes.items():
-            for r in bench_gemv(fmt, shape, threads, variant):
+            for r in bench_gemv(fmt, shape, threads, variant, machine):
                 results.append({**r, "name": name})
                 print(f"gemv {fmt:10s} {name:22s} T={r['tokens']:2d} {r['us']:9.1f} us {r['gbps']:6.1f} GB/s "
-                      f"{r['fraction_of_bandwidth']:5.2f} of {r['bandwidth_gbps']:4.1f}  "
+                      f"{r['fraction_of_bandwidth']:5.2f} of {r['bandwidth_gbps']:4.1f} (own {r['own_bytes_gbps']:4.1f})  "
                       f"x{r['vs_torch_bf16']:.2f} torch-bf16 x{r['vs_torch_fp32']:.2f} torch-fp32")
     for fmt in FORMATS[:2]:
-        for r in bench_moe(fmt, 16 if quick else None, 2048, 7168, 8, threads, variant):
+        for r in bench_moe(fmt, 16 if quick else None, 2048, 7168, 8, threads, variant, machine):
             results.append(r)
             print(f"moe  {fmt:10s} E={r['experts']} top-{r['top_k']} 2048x7168 T={r['tokens']:2d} "
                   f"{r['us']:9.1f} us {r['gbps']:6.1f} GB/s "
-                  f"{r['fraction_of_bandwidth']:5.2f} of {r['bandwidth_gbps']:4.1f}")
+                  f"{r['fraction_of_bandwidth']:5.2f} of {r['bandwidth_gbps']:4.1f} (own {r['own_bytes_gbps']:4.1f})")
     report = {"variant": variant, "paths": paths, "threads": threads, "memory_bandwidth_gbps": bw,
               "memory_bandwidth_huge_gbps": huge, "results": results}
     if json_path:

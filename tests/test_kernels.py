@@ -543,18 +543,18 @@ def test_kernel_bench_huge_page_read_only_where_huge_pages_were_granted(monkeypa
 
 
 def test_kernel_bench_holds_each_problem_to_a_read_of_its_own_bytes(monkeypatch):
-    """``hybridmoe bench kernels``' bookkeeping: each record's fraction is of the bandwidth at which
-    a plain read of the same weight copies (a MoE layer: of the experts each routing chose) ran
-    beside it, which the record reports."""
+    """``hybridmoe bench kernels``' bookkeeping: each record's fraction is of the fastest plain read
+    beside it, of the same weight copies (a MoE layer: of the experts each routing chose) or of the
+    machine-bandwidth buffer, both of which the record reports."""
     from cython_kernels import bench
 
     quick = bench._time
     reads = []
     real_read = bench.read_bandwidth
 
-    def read(tensors, threads):
+    def read(tensors, threads, passes=2):
         reads.append(sum(t.numel() * t.element_size() for t in tensors))
-        return real_read(tensors, threads)
+        return real_read(tensors, threads, passes)
 
     monkeypatch.setattr(bench, "COPY_BYTES", 1 << 20)
     monkeypatch.setattr(bench, "_time", lambda fn, copies, min_seconds=0.3: quick(fn, copies, 0.005))
@@ -563,9 +563,22 @@ def test_kernel_bench_holds_each_problem_to_a_read_of_its_own_bytes(monkeypatch)
     assert [r["tokens"] for r in rows] == list(bench.TOKENS)
     one = 64 * 256 // 2 + 64 * 2 * 2  # an INT4 g128 copy: nibbles and bf16 scales
     assert reads == [(1 << 20) // one * one] * (2 * len(bench.TOKENS))  # before and after each, every copy
-    for r in rows:
-        assert r["bandwidth_gbps"] > 0
+    for r in rows:  # no machine read given: held to its own bytes'
+        assert r["bandwidth_gbps"] == r["own_bytes_gbps"] > 0
         assert r["fraction_of_bandwidth"] == pytest.approx(r["gbps"] / r["bandwidth_gbps"])
+    machine = []
+
+    def fast_machine():  # a roofline buffer that reads faster than any weight copy
+        machine.append(1)
+        return 1e6
+
+    rows = bench.bench_gemv("int4_g128", (64, 256), 2, cython_kernels.VARIANT, fast_machine)
+    assert len(machine) == 2 * len(bench.TOKENS)  # before and after each problem
+    for r in rows:
+        assert r["bandwidth_gbps"] == 1e6 and 0 < r["own_bytes_gbps"] < 1e6
+        assert r["fraction_of_bandwidth"] == pytest.approx(r["gbps"] / 1e6)
+    rows = bench.bench_gemv("int4_g128", (64, 256), 2, cython_kernels.VARIANT, lambda: 1e-6)  # a slow one
+    assert all(r["bandwidth_gbps"] == r["own_bytes_gbps"] > 1e-6 for r in rows)
     reads.clear()
     rows = bench.bench_moe("int4_g128", 8, 128, 256, 2, 2, cython_kernels.VARIANT)
     assert len(reads) == 2 * len(bench.TOKENS) and all(r["bandwidth_gbps"] > 0 for r in rows)
@@ -576,6 +589,8 @@ def test_kernel_bench_holds_each_problem_to_a_read_of_its_own_bytes(monkeypatch)
         assert reads[2 * i] == reads[2 * i + 1] == chosen * expert
         assert 16 * 2 <= chosen <= 16 * min(8, 2 * r["tokens"])
     assert all(r["fraction_of_bandwidth"] == pytest.approx(r["gbps"] / r["bandwidth_gbps"]) for r in rows)
+    rows = bench.bench_moe("int4_g128", 8, 128, 256, 2, 2, cython_kernels.VARIANT, fast_machine)
+    assert all(r["bandwidth_gbps"] == 1e6 and r["own_bytes_gbps"] < 1e6 for r in rows)
 
 
 @BF16
