@@ -240,6 +240,11 @@ def bench_moe(fmt: str, E: int | None, I: int, D: int, top_k: int, threads: int,
     return rows
 
 
+def _held(r: dict) -> str:
+    """A record's fraction, the roofline it is held to and its own bytes' read, as printed."""
+    return f"{r['fraction_of_bandwidth']:5.2f} of {r['bandwidth_gbps']:4.1f} (own {r['own_bytes_gbps']:4.1f})"
+
+
 def run(json_path: str | None = None, threads: int | None = None, quick: bool = False,
         variant: str | None = None) -> dict:
     threads = threads or api.default_threads()
@@ -264,14 +269,12 @@ def run(json_path: str | None = None, threads: int | None = None, quick: bool = 
             for r in bench_gemv(fmt, shape, threads, variant, machine):
                 results.append({**r, "name": name})
                 print(f"gemv {fmt:10s} {name:22s} T={r['tokens']:2d} {r['us']:9.1f} us {r['gbps']:6.1f} GB/s "
-                      f"{r['fraction_of_bandwidth']:5.2f} of {r['bandwidth_gbps']:4.1f} (own {r['own_bytes_gbps']:4.1f})  "
-                      f"x{r['vs_torch_bf16']:.2f} torch-bf16 x{r['vs_torch_fp32']:.2f} torch-fp32")
+                      f"{_held(r)}  x{r['vs_torch_bf16']:.2f} torch-bf16 x{r['vs_torch_fp32']:.2f} torch-fp32")
     for fmt in FORMATS[:2]:
         for r in bench_moe(fmt, 16 if quick else None, 2048, 7168, 8, threads, variant, machine):
             results.append(r)
             print(f"moe  {fmt:10s} E={r['experts']} top-{r['top_k']} 2048x7168 T={r['tokens']:2d} "
-                  f"{r['us']:9.1f} us {r['gbps']:6.1f} GB/s "
-                  f"{r['fraction_of_bandwidth']:5.2f} of {r['bandwidth_gbps']:4.1f} (own {r['own_bytes_gbps']:4.1f})")
+                  f"{r['us']:9.1f} us {r['gbps']:6.1f} GB/s {_held(r)}")
     report = {"variant": variant, "paths": paths, "threads": threads, "memory_bandwidth_gbps": bw,
               "memory_bandwidth_huge_gbps": huge, "results": results}
     if json_path:
