@@ -149,10 +149,10 @@ def _beside(read, timed, machine=None):
     process, while the kernel ran at 25 GB/s on both. Held to its own bytes' read alone, a kernel
     whose weights landed badly scored 0.93-1.0 of it. Held also to the machine's buffer, read the
     same way beside it, it is held to what this machine can read."""
-    reads = [read()] + ([machine()] if machine else [])
+    own_before, machine_before = read(), machine() if machine else 0.0
     result = timed()
-    own = max(reads[0], read())
-    return result, own, max([own] + reads[1:] + ([machine()] if machine else []))
+    own = max(own_before, read())
+    return result, own, max(own, machine_before, machine() if machine else 0.0)
 
 
 def _paths(variant: str) -> dict[str, bool]:

@@ -86,10 +86,10 @@ HM_VNNI static inline __attribute__((always_inline)) void hm_vnni_scales(const f
 }
 
 /* Block k of the row (its 64 bytes at row + 64 k) against nt tokens' activations, into tot[t] with
- * scale SCALE (an expression of t: fp32, a float per group lane). Two ANDs and a shift, then per
- * token four VPDPBUSD, a shift, a convert and an FMA. (A macro: as an inline function taking the
- * scales as vectors, the groups-of-128 instance broadcast each scale apart from its FMA and read
- * 4 % slower from DRAM.) */
+ * scale SCALE (an expression of t: fp32, a float per group lane), in the caller's row, nib, xb,
+ * words, nt and tot. Two ANDs and a shift, then per token four VPDPBUSD, a shift, a convert and an
+ * FMA. (A macro: as an inline function taking the scales as vectors, the groups-of-128 instance
+ * broadcast each scale apart from its FMA and read 4 % slower from DRAM.) */
 #define HM_VNNI_BLOCK(k, SCALE)                                                                          \
     do {                                                                                                 \
         _mm_prefetch((const char *)row + 64 * (k) + HM_VNNI_PREFETCH, _MM_HINT_T1);                      \
@@ -114,7 +114,7 @@ HM_VNNI static inline __attribute__((always_inline)) void hm_vnni_scales(const f
  * holds group g's, made four blocks at a time in registers (their 16 scales converted and
  * multiplied in one vector, then spread by a permute per block: 2.5 vector uops a block against 7
  * for a conversion, broadcast, multiply and store per block; one thread, data in L1, 12.5 -> 9.7
- * cycles per 64 bytes, as groups of 128 take; from DRAM 6-9 % faster at one token, 14 % at two).
+ * cycles per 64 bytes, as groups of 128 take; from DRAM 7-9 % faster at one token, 13-14 % at two).
  * (Four rows side by side share the activation loads, but four interleaved streams read 7-16 %
  * slower from DRAM here than one. A scalar bf16 scale conversion and broadcast per chunk, and sums
  * indexed by k & 1, which the compiler kept in memory, cost a fifth of the time with the data in
