@@ -147,7 +147,7 @@ def _beside(read, timed, machine=None):
     process on the VM these figures come from, 40 copies of a 2048 x 7168 FP8 weight read at
     25-28 GB/s in one allocation and at 31-32 in another, the order reversing from process to
     process, while the kernel ran at 25 GB/s on both. Held to its own bytes' read alone, a kernel
-    whose weights landed badly scored 0.93-1.0 of it. Held also to the machine's buffer, read the
+    whose weights landed badly scored 0.93-1.03 of it. Held also to the machine's buffer, read the
     same way beside it, it is held to what this machine can read."""
     own_before, machine_before = read(), machine() if machine else 0.0
     result = timed()
