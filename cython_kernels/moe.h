@@ -92,15 +92,14 @@ static void hm_build_kernel_xb_in(const hm_weight *w, const void *xp, const floa
     hm_build_kernel_xb_in_part(w, xp, x, T, xb, 0, 1);
 }
 
-/* The first HM_HEAD_PF bytes of rows r0.. of w (contiguous) into L2, ahead of a kernel that will
+/* The first HM_HEAD_PF bytes of w (its rows are contiguous) into L2, ahead of a kernel that will
  * start there: the kernels prefetch their own rows a few KB ahead, so where a thread moves from one
  * weight's rows to another's the other's first lines would come from DRAM on demand. */
 #define HM_HEAD_PF 4096
-static inline void hm_prefetch_rows_head(const hm_weight *w, int64_t r0) {
+static inline void hm_prefetch_head(const hm_weight *w) {
     const int64_t rb = w->fmt == HM_DENSE_BF16 ? 2 * w->cols : w->fmt == HM_FP8_B128 ? w->cols : w->cols / 2;
-    const int64_t left = (w->rows - r0) * rb;
-    const char *p = (const char *)w->data + r0 * rb;
-    for (int64_t off = 0; off < HM_HEAD_PF && off < left; off += 64) __builtin_prefetch(p + off, 0, 2);
+    const char *p = (const char *)w->data;
+    for (int64_t off = 0; off < HM_HEAD_PF && off < w->rows * rb; off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
 /* The end of a thread's share of a call's GEMV tiles: its AMX tiles are released (see
@@ -258,7 +257,7 @@ static void hm_moe_weight_tiles(int variant, const hm_weight *const *ws, int nw,
         }
         if ((tile + 1) % per == 0 && tile + 1 < tiles) {
             const hm_weight next = hm_expert(ws[(j + 1) % nw], act[j + 1 < nw ? a : a + 1]);
-            hm_prefetch_rows_head(&next, 0);
+            hm_prefetch_head(&next);
         }
     }
 }
