@@ -340,6 +340,7 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
     uint16_t a[2][4][16 * 32] __attribute__((aligned(64)));
     float cb[2][16 * 16] __attribute__((aligned(64)));
     __m512 tot[16];
+    HM_UNROLL
     for (int n = 0; n < 16; n++) tot[n] = _mm512_setzero_ps();
     const __mmask16 tm = (__mmask16)((1u << T) - 1);
     for (int64_t k = 0; k <= nb + 1; k++) {
@@ -348,6 +349,7 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
         if (k >= 2) { /* scale block k - 2 */
             const __m512 s = _mm512_set1_ps(sc[k - 2] * HM_FP8S_BACK);
             const float *c = cb[k & 1];
+            HM_UNROLL
             for (int n = 0; n < 16; n++) tot[n] = _mm512_fmadd_ps(_mm512_maskz_load_ps(tm, c + n * 16), s, tot[n]);
         }
         if (k >= 1 && k <= nb) { /* multiply block k - 1 */
@@ -372,7 +374,10 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
             _tile_stored(0, cb[(k - 1) & 1], 64);
         }
     }
-    hm_amx_store(w, xp, T, tot, y, ldy, r0);
+    __m512 out[16]; /* (a copy: see HM_UNROLL) */
+    HM_UNROLL
+    for (int n = 0; n < 16; n++) out[n] = tot[n];
+    hm_amx_store(w, xp, T, out, y, ldy, r0);
 }
 
 /* FP8 rows [r0, r0 + 16) for 17-64 tokens: hm_rows16_fp8_amx's pipeline, with each decoded block
