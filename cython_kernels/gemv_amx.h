@@ -374,7 +374,7 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
             _tile_stored(0, cb[(k - 1) & 1], 64);
         }
     }
-    __m512 out[16]; /* (a copy: see HM_UNROLL) */
+    __m512 out[16]; /* (a copy, so that tot's address is not taken: see HM_UNROLL) */
     HM_UNROLL
     for (int n = 0; n < 16; n++) out[n] = tot[n];
     hm_amx_store(w, xp, T, out, y, ldy, r0);
