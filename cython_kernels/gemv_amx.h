@@ -108,6 +108,18 @@ HM_AVX512 static void hm_amx_store(const hm_weight *w, const uint16_t *xp, int T
     hm_store_rows16(v, T, y, ldy, r0);
 }
 
+/* hm_amx_store for row sums the caller keeps in registers: it is handed a copy, so that their
+ * address is not taken (see HM_UNROLL). (Inlining hm_amx_store instead left them in memory: its
+ * loops over them are not unrolled.) */
+HM_AVX512 static inline __attribute__((always_inline)) void hm_amx_store_regs(const hm_weight *w, const uint16_t *xp,
+                                                                             int T, const __m512 *tot, float *y,
+                                                                             int64_t ldy, int64_t r0) {
+    __m512 out[16];
+    HM_UNROLL
+    for (int n = 0; n < 16; n++) out[n] = tot[n];
+    hm_amx_store(w, xp, T, out, y, ldy, r0);
+}
+
 /* The first HM_AMX_NEXT_HEAD bytes of each of the next 16 rows (r0 + 16 on, rb bytes a row) into
  * L2, spread over the nb steps of this 16-row tile: a tile reads its 16 rows side by side, so the
  * next tile would otherwise start on 16 cold rows at once (with guided tiles, the next rows are
@@ -374,10 +386,7 @@ HM_AMX static void hm_rows16_fp8_amx(const hm_weight *w, const uint16_t *xp, con
             _tile_stored(0, cb[(k - 1) & 1], 64);
         }
     }
-    __m512 out[16]; /* (a copy, so that tot's address is not taken: see HM_UNROLL) */
-    HM_UNROLL
-    for (int n = 0; n < 16; n++) out[n] = tot[n];
-    hm_amx_store(w, xp, T, out, y, ldy, r0);
+    hm_amx_store_regs(w, xp, T, tot, y, ldy, r0);
 }
 
 /* FP8 rows [r0, r0 + 16) for 17-64 tokens: hm_rows16_fp8_amx's pipeline, with each decoded block

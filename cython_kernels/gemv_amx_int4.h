@@ -242,10 +242,7 @@ HM_AMX static inline __attribute__((always_inline)) void hm_rows16_int4_amx_v(
             tot[n] = s;
         }
     }
-    __m512 out[16]; /* (a copy, so that tot's address is not taken: see HM_UNROLL) */
-    HM_UNROLL
-    for (int n = 0; n < 16; n++) out[n] = tot[n];
-    hm_amx_store(w, xp, T, out, y, ldy, r0);
+    hm_amx_store_regs(w, xp, T, tot, y, ldy, r0);
 }
 
 /* One instance per (one token, groups of 32, grouped layout): with them constant, each instance's

@@ -96,9 +96,9 @@ static inline void hm_decode_chunk(const hm_weight *w, int64_t r, int64_t c0, in
 
 /* Before every loop over an array of vector registers (a kernel's sums, its lane tables): GCC
  * keeps such an array in registers only where each of those loops is unrolled before its
- * scalarization pass runs, and where the array's address is not taken (hand a function a copy);
- * otherwise each step also stores every sum to the stack and loads its tables back (16 extra
- * 64-byte stores a block in the INT4 AMX kernels). */
+ * scalarization pass runs, and where the array's address is not taken (a function is handed a
+ * copy: hm_amx_store_regs); otherwise each step also stores every sum to the stack and loads its
+ * tables back (16 extra 64-byte stores a block in the INT4 AMX kernels). */
 #define HM_UNROLL _Pragma("GCC unroll 16")
 
 /* Calls FN(w, r, xp, t0, nt, y, ldy) for each block of up to TBMAX (<= 8) tokens of T, with nt a
