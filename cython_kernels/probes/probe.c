@@ -1,0 +1,149 @@
+/* Kernel probes for development: what one change to the kernel headers does, measured in C so
+ * that no Python call or allocation sits inside the timings. Built by probe.sh from two header
+ * directories, a (the base) and b (the change); with one directory both are the same build.
+ *
+ *   probe incache FMT ROWS COLS T   one thread, one weight small enough to stay in L1/L2: the
+ *                                   kernel's compute cost, in ns (and cycles at HM_PROBE_GHZ,
+ *                                   default 3.6) per 64 weight bytes, builds a and b
+ *   probe dram FMT ROWS COLS T      all threads over enough weight copies (HM_PROBE_BYTES, default
+ *                                   1 GiB) that every call reads from DRAM; builds a and b and a
+ *                                   plain read of the same bytes alternated, best of HM_PROBE_REPS
+ *                                   (default 5) passes of at least 0.25 s each
+ *
+ * FMT: bf16, fp8, int4_g32 or int4_g128. Threads: HM_PROBE_THREADS, default all this process may
+ * use. The values are fixed pseudo-random bytes: only speed is measured here (tests/test_kernels.py
+ * checks results). */
+#define _GNU_SOURCE
+#include <sched.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+typedef struct {
+    int fmt, group;
+    int64_t rows, cols;
+    const uint8_t *data;
+    const void *scale;
+} hm_weight; /* (gemv_generic.h's layout) */
+
+int probe_gemv_a(const hm_weight *, const float *, int, float *, void *, int);
+int probe_gemv_b(const hm_weight *, const float *, int, float *, void *, int);
+int probe_rows_a(const hm_weight *, const float *, int, float *, int);
+int probe_rows_b(const hm_weight *, const float *, int, float *, int);
+uint64_t probe_read_a(const void *, int64_t, int);
+
+static double now(void) {
+    struct timespec t;
+    clock_gettime(CLOCK_MONOTONIC, &t);
+    return t.tv_sec + t.tv_nsec * 1e-9;
+}
+
+static double env_num(const char *name, double dflt) {
+    const char *v = getenv(name);
+    return v && *v ? atof(v) : dflt;
+}
+
+static int64_t data_bytes(const hm_weight *w) {
+    return w->fmt == 0 ? w->rows * w->cols * 2 : w->fmt == 1 ? w->rows * w->cols : w->rows * w->cols / 2;
+}
+
+/* A weight of the format with fixed pseudo-random values (FP8: no NaN code; BF16: magnitudes
+ * near 1), its bytes in one 64-aligned allocation. */
+static hm_weight make_weight(int fmt, int group, int64_t rows, int64_t cols) {
+    hm_weight w = {fmt, group, rows, cols, NULL, NULL};
+    const int64_t n = data_bytes(&w);
+    const int64_t ns = fmt == 1 ? 4 * ((rows + 127) / 128) * ((cols + 127) / 128) : fmt == 2 ? 2 * rows * (cols / group) : 0;
+    uint8_t *d = aligned_alloc(64, (size_t)(n + ns + 127) / 64 * 64);
+    if (!d) {
+        fprintf(stderr, "probe: out of memory\n");
+        exit(1);
+    }
+    for (int64_t j = 0; j < n; j++) d[j] = (uint8_t)((uint32_t)(j * 2654435761u) >> 13) & (fmt == 1 ? 0x77 : 0xff);
+    if (fmt == 0)
+        for (int64_t j = 1; j < n; j += 2) d[j] = 0x3f;
+    uint8_t *s = d + (n + 63) / 64 * 64;
+    for (int64_t j = 0; j < ns / (fmt == 1 ? 4 : 2); j++) {
+        if (fmt == 1) ((float *)s)[j] = 0.01f * (float)(1 + j % 3);
+        else ((uint16_t *)s)[j] = 0x3c00; /* bf16 0.0078125 */
+    }
+    w.data = d, w.scale = ns ? s : NULL;
+    return w;
+}
+
+int main(int argc, char **argv) {
+    static const struct { const char *name; int fmt, group; } fmts[] = {
+        {"bf16", 0, 0}, {"fp8", 1, 0}, {"int4_g32", 2, 32}, {"int4_g128", 2, 128}};
+    int f = -1;
+    if (argc == 6)
+        for (int i = 0; i < 4; i++)
+            if (!strcmp(argv[2], fmts[i].name)) f = i;
+    const int64_t rows = argc == 6 ? atoll(argv[3]) : 0, cols = argc == 6 ? atoll(argv[4]) : 0;
+    const int T = argc == 6 ? atoi(argv[5]) : 0;
+    const int incache = argc == 6 && !strcmp(argv[1], "incache"), dram = argc == 6 && !strcmp(argv[1], "dram");
+    if ((!incache && !dram) || f < 0 || rows < 1 || cols < 1 || T < 1 || T > 64
+        || (fmts[f].fmt == 2 && cols % 128)) {
+        fprintf(stderr, "usage: probe incache|dram bf16|fp8|int4_g32|int4_g128 ROWS COLS TOKENS\n"
+                        "  (TOKENS 1-64; INT4 COLS a multiple of 128)\n");
+        return 2;
+    }
+    cpu_set_t set;
+    const int cpus = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+    const int nt = (int)env_num("HM_PROBE_THREADS", cpus);
+    float *x = aligned_alloc(64, (size_t)(4 * cols * T + 63) / 64 * 64), *y = aligned_alloc(64, (size_t)(4 * rows * T + 63) / 64 * 64);
+    void *xp = aligned_alloc(64, (size_t)(4 * cols * T + 63) / 64 * 64);
+    for (int64_t j = 0; j < cols * T; j++) x[j] = (float)(j % 7) * 0.1f - 0.3f;
+    const char *name = fmts[f].name;
+
+    if (incache) {
+        const hm_weight w = make_weight(fmts[f].fmt, fmts[f].group, rows, cols);
+        const double ghz = env_num("HM_PROBE_GHZ", 3.6), lines = (double)data_bytes(&w) / 64;
+        double best[2] = {1e9, 1e9};
+        for (int pass = 0; pass < 3; pass++)
+            for (int v = 0; v < 2; v++) {
+                int reps = 1;
+                double t;
+                for (;; reps *= 2) { /* at least 0.2 s a pass */
+                    t = now();
+                    if ((v ? probe_rows_b : probe_rows_a)(&w, x, T, y, reps)) return 1;
+                    t = now() - t;
+                    if (t >= 0.2) break;
+                }
+                if (t / reps < best[v]) best[v] = t / reps;
+            }
+        printf("incache %s %ldx%ld T=%d, one thread: a %.3f ns (%.2f cycles at %.1f GHz), b %.3f ns (%.2f cycles) "
+               "per 64 weight bytes; b/a %.3f\n", name, (long)rows, (long)cols, T, best[0] * 1e9 / lines,
+               best[0] * ghz * 1e9 / lines, ghz, best[1] * 1e9 / lines, best[1] * ghz * 1e9 / lines, best[1] / best[0]);
+        return 0;
+    }
+    const hm_weight one = make_weight(fmts[f].fmt, fmts[f].group, rows, cols);
+    const int64_t bytes = data_bytes(&one);
+    int copies = (int)(env_num("HM_PROBE_BYTES", 1 << 30) / (double)bytes);
+    copies = copies < 2 ? 2 : copies;
+    hm_weight *ws = malloc(sizeof(hm_weight) * (size_t)copies);
+    ws[0] = one;
+    for (int i = 1; i < copies; i++) ws[i] = make_weight(fmts[f].fmt, fmts[f].group, rows, cols);
+    const int reps = (int)env_num("HM_PROBE_REPS", 5);
+    double best[3] = {1e9, 1e9, 1e9};
+    for (int pass = 0; pass < reps; pass++)
+        for (int v = 0; v < 3; v++) {
+            long calls = 0;
+            const double t0 = now();
+            volatile uint64_t sink = 0;
+            while (now() - t0 < 0.25) {
+                for (int i = 0; i < copies; i++) {
+                    if (v == 2) sink += probe_read_a(ws[i].data, bytes, nt);
+                    else if ((v ? probe_gemv_b : probe_gemv_a)(&ws[i], x, T, y, xp, nt)) return 1;
+                }
+                calls += copies;
+            }
+            const double t = (now() - t0) / (double)calls;
+            if (t < best[v]) best[v] = t;
+        }
+    printf("dram %s %ldx%ld T=%d, %d threads, %d copies: a %.1f us (%.3f of the read), b %.1f us (%.3f), "
+           "read %.1f us (%.1f GB/s); b/a %.3f\n", name, (long)rows, (long)cols, T, nt, copies, best[0] * 1e6,
+           best[2] / best[0], best[1] * 1e6, best[2] / best[1], best[2] * 1e6, (double)bytes / best[2] / 1e9,
+           best[1] / best[0]);
+    return 0;
+}
