@@ -11,7 +11,9 @@
  *                                   (default 5) passes of at least 0.25 s each
  *
  * FMT: bf16, fp8, int4_g32 or int4_g128. Threads: HM_PROBE_THREADS, default all this process may
- * use. The values are fixed pseudo-random bytes: only speed is measured here (tests/test_kernels.py
+ * use. The kernel variant is the best this CPU runs (HYBRIDMOE_KERNEL is not read); the paths'
+ * switches (HYBRIDMOE_AMX=0, HYBRIDMOE_AMX_INT8=0, HYBRIDMOE_VNNI=0, ...) apply as in the extension.
+ * The values are fixed pseudo-random bytes: only speed is measured here (tests/test_kernels.py
  * checks results). */
 #define _GNU_SOURCE
 #include <sched.h>
