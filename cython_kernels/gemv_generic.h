@@ -35,6 +35,11 @@ typedef struct {
     const void *scale;    /* fp8: float [ceil(out/128)][ceil(in/128)]; int4: bf16 [out][in/group] */
 } hm_weight;
 
+/* Bytes of one stored row of w. */
+static inline int64_t hm_row_bytes(const hm_weight *w) {
+    return w->fmt == HM_DENSE_BF16 ? 2 * w->cols : w->fmt == HM_FP8_B128 ? w->cols : w->cols / 2;
+}
+
 static inline float hm_bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;

@@ -97,7 +97,7 @@ static void hm_build_kernel_xb_in(const hm_weight *w, const void *xp, const floa
  * weight's rows to another's the other's first lines would come from DRAM on demand. */
 #define HM_HEAD_PF 4096
 static inline void hm_prefetch_head(const hm_weight *w) {
-    const int64_t rb = w->fmt == HM_DENSE_BF16 ? 2 * w->cols : w->fmt == HM_FP8_B128 ? w->cols : w->cols / 2;
+    const int64_t rb = hm_row_bytes(w);
     const char *p = (const char *)w->data;
     for (int64_t off = 0; off < HM_HEAD_PF && off < w->rows * rb; off += 64) __builtin_prefetch(p + off, 0, 2);
 }

@@ -23,12 +23,7 @@
 #include <string.h>
 #include <time.h>
 
-typedef struct {
-    int fmt, group;
-    int64_t rows, cols;
-    const uint8_t *data;
-    const void *scale;
-} hm_weight; /* (gemv_generic.h's layout) */
+#include "gemv_generic.h" /* hm_weight, its formats and hm_row_bytes */
 
 int probe_gemv_a(const hm_weight *, const float *, int, float *, void *, int);
 int probe_gemv_b(const hm_weight *, const float *, int, float *, void *, int);
@@ -47,27 +42,27 @@ static double env_num(const char *name, double dflt) {
     return v && *v ? atof(v) : dflt;
 }
 
-static int64_t data_bytes(const hm_weight *w) {
-    return w->fmt == 0 ? w->rows * w->cols * 2 : w->fmt == 1 ? w->rows * w->cols : w->rows * w->cols / 2;
-}
+static int64_t data_bytes(const hm_weight *w) { return w->rows * hm_row_bytes(w); }
 
 /* A weight of the format with fixed pseudo-random values (FP8: no NaN code; BF16: magnitudes
  * near 1), its bytes in one 64-aligned allocation. */
 static hm_weight make_weight(int fmt, int group, int64_t rows, int64_t cols) {
     hm_weight w = {fmt, group, rows, cols, NULL, NULL};
     const int64_t n = data_bytes(&w);
-    const int64_t ns = fmt == 1 ? 4 * ((rows + 127) / 128) * ((cols + 127) / 128) : fmt == 2 ? 2 * rows * (cols / group) : 0;
+    const int64_t ns = fmt == HM_FP8_B128 ? 4 * ((rows + 127) / 128) * ((cols + 127) / 128)
+                       : fmt == HM_INT4  ? 2 * rows * (cols / group)
+                                         : 0;
     uint8_t *d = aligned_alloc(64, (size_t)(n + ns + 127) / 64 * 64);
     if (!d) {
         fprintf(stderr, "probe: out of memory\n");
         exit(1);
     }
-    for (int64_t j = 0; j < n; j++) d[j] = (uint8_t)((uint32_t)(j * 2654435761u) >> 13) & (fmt == 1 ? 0x77 : 0xff);
-    if (fmt == 0)
+    for (int64_t j = 0; j < n; j++) d[j] = (uint8_t)((uint32_t)(j * 2654435761u) >> 13) & (fmt == HM_FP8_B128 ? 0x77 : 0xff);
+    if (fmt == HM_DENSE_BF16)
         for (int64_t j = 1; j < n; j += 2) d[j] = 0x3f;
     uint8_t *s = d + (n + 63) / 64 * 64;
-    for (int64_t j = 0; j < ns / (fmt == 1 ? 4 : 2); j++) {
-        if (fmt == 1) ((float *)s)[j] = 0.01f * (float)(1 + j % 3);
+    for (int64_t j = 0; j < ns / (fmt == HM_FP8_B128 ? 4 : 2); j++) {
+        if (fmt == HM_FP8_B128) ((float *)s)[j] = 0.01f * (float)(1 + j % 3);
         else ((uint16_t *)s)[j] = 0x3c00; /* bf16 0.0078125 */
     }
     w.data = d, w.scale = ns ? s : NULL;
@@ -76,7 +71,7 @@ static hm_weight make_weight(int fmt, int group, int64_t rows, int64_t cols) {
 
 int main(int argc, char **argv) {
     static const struct { const char *name; int fmt, group; } fmts[] = {
-        {"bf16", 0, 0}, {"fp8", 1, 0}, {"int4_g32", 2, 32}, {"int4_g128", 2, 128}};
+        {"bf16", HM_DENSE_BF16, 0}, {"fp8", HM_FP8_B128, 0}, {"int4_g32", HM_INT4, 32}, {"int4_g128", HM_INT4, 128}};
     int f = -1;
     if (argc == 6)
         for (int i = 0; i < 4; i++)
@@ -85,7 +80,7 @@ int main(int argc, char **argv) {
     const int T = argc == 6 ? atoi(argv[5]) : 0;
     const int incache = argc == 6 && !strcmp(argv[1], "incache"), dram = argc == 6 && !strcmp(argv[1], "dram");
     if ((!incache && !dram) || f < 0 || rows < 1 || cols < 1 || T < 1 || T > 64
-        || (fmts[f].fmt == 2 && cols % 128)) {
+        || (fmts[f].fmt == HM_INT4 && cols % 128)) {
         fprintf(stderr, "usage: probe incache|dram bf16|fp8|int4_g32|int4_g128 ROWS COLS TOKENS\n"
                         "  (TOKENS 1-64; INT4 COLS a multiple of 128)\n");
         return 2;

@@ -16,4 +16,4 @@ flags=(-O3 -fopenmp -fPIC -Wno-unused-function -falign-loops=64)
 gcc "${flags[@]}" -I"$a" -DPROBE_TAG=a -c "$here/probe_build.c" -o "$tmp/a.o"
 # shellcheck disable=SC2086
 gcc "${flags[@]}" -I"$b" -DPROBE_TAG=b ${PROBE_B_FLAGS:-} -c "$here/probe_build.c" -o "$tmp/b.o"
-gcc -O2 -fopenmp "$here/probe.c" "$tmp/a.o" "$tmp/b.o" -o "$out" -lm
+gcc -O2 -fopenmp -Wno-unused-function -I"$a" "$here/probe.c" "$tmp/a.o" "$tmp/b.o" -o "$out" -lm
