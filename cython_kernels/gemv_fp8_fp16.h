@@ -170,7 +170,7 @@ HM_FP16 static inline __m512h hm_fp8_hi_fp16(__m512i v) {
 HM_FP16 static inline __attribute__((always_inline)) void hm_fp8_fp16_step(const uint8_t *row, int64_t c,
                                                                           const uint16_t *xs, __m512h *ae,
                                                                           __m512h *ao) {
-    _mm_prefetch((const char *)(row + c + HM_PREFETCH), HM_ROW_HINT);
+    HM_PREFETCH_TWICE(row + c);
     __m512i even = c ? _mm512_loadu_si512(row + c - 1) : _mm512_maskz_loadu_epi8(~1ull, row - 1);
     *ae = _mm512_fmadd_ph(hm_fp8_hi_fp16(even), _mm512_load_ph(xs + c), *ae);
     *ao = _mm512_fmadd_ph(hm_fp8_hi_fp16(_mm512_loadu_si512(row + c)), _mm512_load_ph(xs + c + 32), *ao);
@@ -184,7 +184,8 @@ HM_FP16 static inline __m512 hm_fp16_sums(__m512h ae, __m512h ao) {
 }
 
 /* FP8 rows [r0, r1) at one token (xb: hm_build_xs_fp16's layout). Rows are read one after the
- * other, one linear stream prefetched HM_PREFETCH ahead into L2, as hm_rows_fp8_t1. */
+ * other, one linear stream prefetched into L2 twice, HM_PREFETCH and HM_PREFETCH_NEAR ahead
+ * (HM_PREFETCH_TWICE; hm_rows_fp8_t1 asks once). */
 HM_FP16 static void hm_rows_fp8_t1_fp16(const hm_weight *w, const uint16_t *xp, const uint32_t *xb, float *y,
                                         int64_t r0, int64_t r1) {
     const int64_t full = w->cols / 64 * 64, full4 = w->cols / 256 * 256;

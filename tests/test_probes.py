@@ -47,6 +47,17 @@ def test_dram_reports_builds_and_the_plain_read(probe):
     assert copies == 2000000 // (64 * 300) and min(a, b, read) > 0
 
 
+def test_dram_in_huge_pages_says_how_many_it_got(probe):
+    # (each copy is aligned to and padded to 2 MB: few large copies, not many small ones)
+    r = _run(probe, "dram", "fp8", "256", "4096", "1", HM_PROBE_BYTES="3000000", HM_PROBE_REPS="1", HM_PROBE_HUGE="1")
+    assert r.returncode == 0, r.stderr
+    m = re.search(r"2 copies: a ([\d.]+) us .* read ([\d.]+) us", r.stdout)
+    assert m and min(map(float, m.groups())) > 0, r.stdout
+    m = re.search(r"2 MB pages: (\d+) of the weights' (\d+) MB", r.stdout)
+    assert m, r.stdout
+    assert int(m.group(2)) == 2 and int(m.group(1)) >= 0  # (how many the kernel grants is its business)
+
+
 @pytest.mark.parametrize("args", [[], ["incache", "fp4", "16", "128", "1"], ["dram", "int4_g128", "16", "100", "1"],
                                   ["incache", "bf16", "16", "128", "65"]])
 def test_bad_arguments_print_usage(probe, args):

@@ -8,7 +8,9 @@
  *   probe dram FMT ROWS COLS T      all threads over enough weight copies (HM_PROBE_BYTES, default
  *                                   1 GiB) that every call reads from DRAM; builds a and b and a
  *                                   plain read of the same bytes alternated, best of HM_PROBE_REPS
- *                                   (default 5) passes of at least 0.25 s each
+ *                                   (default 5) passes of at least 0.25 s each; HM_PROBE_HUGE=1
+ *                                   asks for 2 MB pages for the weights (madvise) and reports
+ *                                   how many of their bytes got them
  *
  * FMT: bf16, fp8, int4_g32 or int4_g128. Threads: HM_PROBE_THREADS, default all this process may
  * use. The kernel variant is the best this CPU runs (HYBRIDMOE_KERNEL is not read); the paths'
@@ -22,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <sys/mman.h>
 
 #include "gemv_generic.h" /* hm_weight, its formats and hm_row_bytes */
 
@@ -44,6 +47,17 @@ static double env_num(const char *name, double dflt) {
 
 static int64_t data_bytes(const hm_weight *w) { return w->rows * hm_row_bytes(w); }
 
+/* This process's anonymous memory in 2 MB pages, in MB (/proc/self/smaps_rollup; 0 if unknown). */
+static double anon_huge_mb(void) {
+    FILE *f = fopen("/proc/self/smaps_rollup", "r");
+    char line[256];
+    long kb = 0;
+    while (f && fgets(line, sizeof line, f))
+        if (sscanf(line, "AnonHugePages: %ld kB", &kb) == 1) break;
+    if (f) fclose(f);
+    return kb / 1024.0;
+}
+
 /* A weight of the format with fixed pseudo-random values (FP8: no NaN code; BF16: magnitudes
  * near 1), its bytes in one 64-aligned allocation. */
 static hm_weight make_weight(int fmt, int group, int64_t rows, int64_t cols) {
@@ -52,7 +66,10 @@ static hm_weight make_weight(int fmt, int group, int64_t rows, int64_t cols) {
     const int64_t ns = fmt == HM_FP8_B128 ? 4 * ((rows + 127) / 128) * ((cols + 127) / 128)
                        : fmt == HM_INT4  ? 2 * rows * (cols / group)
                                          : 0;
-    uint8_t *d = aligned_alloc(64, (size_t)(n + ns + 127) / 64 * 64);
+    const size_t huge = env_num("HM_PROBE_HUGE", 0) ? (size_t)1 << 21 : 0, align = huge ? huge : 64;
+    const size_t size = (size_t)(n + ns + 127 + align - 1) / align * align;
+    uint8_t *d = aligned_alloc(align, size);
+    if (d && huge) madvise(d, size, MADV_HUGEPAGE); /* (advice: without THP the pages stay 4 KB) */
     if (!d) {
         fprintf(stderr, "probe: out of memory\n");
         exit(1);
@@ -142,5 +159,7 @@ int main(int argc, char **argv) {
            "read %.1f us (%.1f GB/s); b/a %.3f\n", name, (long)rows, (long)cols, T, nt, copies, best[0] * 1e6,
            best[2] / best[0], best[1] * 1e6, best[2] / best[1], best[2] * 1e6, (double)bytes / best[2] / 1e9,
            best[1] / best[0]);
+    if (env_num("HM_PROBE_HUGE", 0))
+        printf("2 MB pages: %.0f of the weights' %.0f MB\n", anon_huge_mb(), (double)bytes * copies / (1 << 20));
     return 0;
 }
