@@ -53,7 +53,7 @@ def test_dram_in_huge_pages_says_how_many_it_got(probe):
     assert r.returncode == 0, r.stderr
     m = re.search(r"2 copies: a ([\d.]+) us .* read ([\d.]+) us", r.stdout)
     assert m and min(map(float, m.groups())) > 0, r.stdout
-    m = re.search(r"2 MB pages: (\d+) of the weights' (\d+) MB", r.stdout)
+    m = re.search(r"2 MB pages: (\d+) MB in this process, for (\d+) MB of weights", r.stdout)
     assert m, r.stdout
     assert int(m.group(2)) == 2 and int(m.group(1)) >= 0  # (how many the kernel grants is its business)
 

@@ -160,6 +160,7 @@ int main(int argc, char **argv) {
            best[2] / best[0], best[1] * 1e6, best[2] / best[1], best[2] * 1e6, (double)bytes / best[2] / 1e9,
            best[1] / best[0]);
     if (env_num("HM_PROBE_HUGE", 0))
-        printf("2 MB pages: %.0f of the weights' %.0f MB\n", anon_huge_mb(), (double)bytes * copies / (1 << 20));
+        printf("2 MB pages: %.0f MB in this process, for %.0f MB of weights\n", anon_huge_mb(),
+               (double)bytes * copies / (1 << 20));
     return 0;
 }
