@@ -35,11 +35,12 @@
 #define HM_ROW_HINT _MM_HINT_T1
 /* A second prefetch per weight line, half as far ahead, for the one-stream kernels whose compute
  * is cheapest (FP8 through FP16, BF16 at fp32): every line is asked for twice. Measured with the
- * probe (`probe dram`, 2 threads, 4 KB pages), one token: FP8 2.8-5.1 % and BF16 4-5.5 % faster on
- * 2048 x 7168, 7168 x 2048 and 2048 x 768; with only the far prefetch in a synthetic loop of the
- * FP8 kernel, 14.8 against 18.1 GB/s on one core in 2 MB pages. The plain read (hm_read_sum) gains
- * nothing from it; neither do the INT4 VNNI and FP8-to-bf16 loops (their compute per line is
- * about twice as long) nor the 16-row tile kernels (slower with it). */
+ * probe (`probe dram`, 2 threads), one token: in 4 KB pages FP8 2.8-5.1 % and BF16 4-5.5 % faster
+ * on 2048 x 7168, 7168 x 2048 and 2048 x 768; in 2 MB pages (HM_PROBE_HUGE=1) FP8 2048 x 7168 538
+ * -> 462 us, BF16 918 -> 883 us. The plain read (hm_read_sum) gains nothing from it; neither do
+ * the INT4 VNNI loop (g128 nothing, g32 3 % in 2 MB pages only) and the FP8-to-bf16 one, whose
+ * compute per line is longer; a further prefetch 1-2 KB ahead in each row of the 16-row INT4
+ * tile kernel made it up to 21 % slower on rows of 7168. */
 #ifndef HM_PREFETCH_NEAR
 #define HM_PREFETCH_NEAR 2048
 #endif

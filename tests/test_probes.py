@@ -55,7 +55,7 @@ def test_dram_in_huge_pages_says_how_many_it_got(probe):
     assert m and min(map(float, m.groups())) > 0, r.stdout
     m = re.search(r"2 MB pages: (\d+) MB in this process, for (\d+) MB of weights", r.stdout)
     assert m, r.stdout
-    assert int(m.group(2)) == 2 and int(m.group(1)) >= 0  # (how many the kernel grants is its business)
+    assert int(m.group(2)) == 2  # (how many 2 MB pages the kernel grants is its business, not asserted)
 
 
 @pytest.mark.parametrize("args", [[], ["incache", "fp4", "16", "128", "1"], ["dram", "int4_g128", "16", "100", "1"],

@@ -9,8 +9,8 @@
  *                                   1 GiB) that every call reads from DRAM; builds a and b and a
  *                                   plain read of the same bytes alternated, best of HM_PROBE_REPS
  *                                   (default 5) passes of at least 0.25 s each; HM_PROBE_HUGE=1
- *                                   asks for 2 MB pages for the weights (madvise) and reports
- *                                   how many of their bytes got them
+ *                                   asks for 2 MB pages for the weights (madvise) and prints
+ *                                   how many MB of this process's memory got them
  *
  * FMT: bf16, fp8, int4_g32 or int4_g128. Threads: HM_PROBE_THREADS, default all this process may
  * use. The kernel variant is the best this CPU runs (HYBRIDMOE_KERNEL is not read); the paths'
