@@ -69,6 +69,12 @@ def _best(fn, copies: int, passes: int = 3, min_seconds: float = 0.1) -> float:
     return min(_time(fn, copies, min_seconds) for _ in range(passes))
 
 
+def _read_gbps(nbytes: int, read, passes: int, min_seconds: float = 0.5) -> float:
+    """GB/s of read() over nbytes, the best of ``passes`` timed runs (a shared machine's noise only
+    ever lowers a read)."""
+    return max(nbytes / _time(read, 1, min_seconds) / 1e9 for _ in range(passes))
+
+
 def _roofline_bytes() -> int:
     """The machine-bandwidth reads' buffer: 1 GiB or twice the last-level cache, the larger."""
     return max(1 << 30, 2 * _last_level_cache_bytes())
@@ -84,7 +90,7 @@ def memory_bandwidth(threads: int, buf: torch.Tensor | None = None) -> float:
     buf = torch.ones(_roofline_bytes() // 8, dtype=torch.int64) if buf is None else buf
     n = buf.numel() * buf.element_size() // 8 * 8
     readers = (lambda i: buf.sum(), lambda i: _kernels.read_sum(buf.data_ptr(), n, threads))
-    return max(n / _time(f, 1, 0.5) / 1e9 for f in readers for _ in range(3))
+    return max(_read_gbps(n, f, 3) for f in readers)
 
 
 def huge_page_read_bandwidth(threads: int, thp: str | Path = "/sys/kernel/mm/transparent_hugepage/enabled",
@@ -111,7 +117,7 @@ def huge_page_read_bandwidth(threads: int, thp: str | Path = "/sys/kernel/mm/tra
         del buf  # (the mapping stays; it cannot close while a tensor holds it)
         if _anon_huge_bytes() < n // 2:  # (none to be had: no figure rather than a mislabelled one)
             return None
-        return max(n / _time(lambda i: _kernels.read_sum(ptr, n, threads), 1, 0.5) / 1e9 for _ in range(3))
+        return _read_gbps(n, lambda i: _kernels.read_sum(ptr, n, threads), 3)
 
 
 def _anon_huge_bytes() -> int:
@@ -135,7 +141,7 @@ def read_bandwidth(tensors: list[torch.Tensor], threads: int, passes: int = 2) -
         for ptr, n in spans:
             _kernels.read_sum(ptr, n, threads)
 
-    return max(total / _time(once, 1, 0.05) / 1e9 for _ in range(passes))
+    return _read_gbps(total, once, passes, 0.05)
 
 
 def _beside(read, timed, machine=None):
