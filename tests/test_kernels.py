@@ -558,9 +558,13 @@ def test_kernel_bench_holds_each_problem_to_a_read_of_its_own_bytes(monkeypatch)
 
     monkeypatch.setattr(bench, "COPY_BYTES", 1 << 20)
     monkeypatch.setattr(bench, "_time", lambda fn, copies, min_seconds=0.3: quick(fn, copies, 0.005))
+    monkeypatch.setattr(bench, "PASS_SECONDS", 0.005)
+    monkeypatch.setattr(bench, "READ_SECONDS", 0.005)
     monkeypatch.setattr(bench, "read_bandwidth", read)
     rows = bench.bench_gemv("int4_g128", (64, 256), 2, cython_kernels.VARIANT)
     assert [r["tokens"] for r in rows] == list(bench.TOKENS)
+    # the kernel's time (a C loop) and the API call's, which torch's is compared with
+    assert all(0 < r["us"] and 0 < r["api_us"] for r in rows)
     one = 64 * 256 // 2 + 64 * 2 * 2  # an INT4 g128 copy: nibbles and bf16 scales
     assert reads == [(1 << 20) // one * one] * (2 * len(bench.TOKENS))  # before and after each, every copy
     for r in rows:  # no machine read given: held to its own bytes'
@@ -760,6 +764,55 @@ def test_gemv_past_64_tokens_equals_its_segments(variant, fmt):
     y = api.gemv_multi(x, ws, variant=variant, threads=2)
     assert torch.equal(y, torch.cat([api.gemv_multi(x[i : i + 64], ws, variant=variant, threads=2)
                                      for i in range(0, 150, 64)]))
+
+
+def test_kernel_bench_timing_loops_run_the_kernel_and_the_read():
+    """The bench's C timing loops (timing.h): the GEMV loop really calls the kernel over every copy
+    (the output is the last copy's product); the read loop times a read of the spans."""
+    from cython_kernels import bench
+
+    g = torch.Generator().manual_seed(5)
+    ws = [_q(torch.randn(48, 256, generator=g) * 0.05, "int4_g128") for _ in range(3)]
+    bound = [api.Gemv([w], threads=2) for w in ws]
+    x, out = torch.randn(2, 256, generator=g), torch.full((2, 48), float("nan"))
+    assert bench.kernel_seconds(bound, x, out, 2, cython_kernels.VARIANT, passes=1) > 0
+    assert torch.equal(out, api.gemv(x, ws[-1], variant=cython_kernels.VARIANT, threads=2))
+    code = _kernels.VARIANT_CODES[cython_kernels.VARIANT]
+    with pytest.raises(ValueError, match="time_gemv"):
+        _kernels.time_gemv(code, [], x.data_ptr(), 2, out.data_ptr(), 2, 0.001)
+    with pytest.raises(ValueError, match=r"out must be a contiguous CPU float32 \[2, 48\]"):
+        bench.kernel_seconds(bound, x, torch.empty(1, 48), 2, cython_kernels.VARIANT, passes=1)
+    b = torch.ones(1 << 16, dtype=torch.int64)
+    assert _kernels.time_read([(b.data_ptr(), 8 << 16), (b.data_ptr(), 64)], 2, 0.001) > 0
+    assert _kernels.time_read([], 2, 0.001) > 0  # (nothing to read: empty rounds, still timed)
+
+
+def test_bound_gemv_quick_checks_refuse_what_the_full_ones_do():
+    """A bound GEMV checks x and out with a few tensor attributes (api._is_f32_matrix) and takes a
+    contiguous fp32 x as it is; anything else still goes through the full checks: converted
+    where it can be (bf16, strided, one row), refused with the same errors where not."""
+    g = torch.Generator().manual_seed(4)
+    w = _q(torch.randn(40, 256, generator=g) * 0.05, "fp8_b128")
+    bound = api.Gemv([w], threads=2)
+    x = torch.randn(3, 256, generator=g)
+    assert api._activations(x, 256, "t", max_tokens=None) is x
+    ref = bound(x)
+    strided = torch.randn(256, 3, generator=g).t()  # [3, 256], not contiguous
+    assert not strided.is_contiguous()
+    assert torch.equal(bound(strided), bound(strided.contiguous()))
+    assert torch.equal(bound(x[1]), bound(x[1:2]))  # one row given as a vector
+    with pytest.raises(ValueError, match="1 to 4 tokens per call"):
+        api._activations(torch.randn(5, 256), 256, "t", max_tokens=4)
+    with pytest.raises(ValueError, match="on the CPU"):
+        bound(torch.empty(1, 256, device="meta"))
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        bound(x.half())
+    for bad in (torch.empty(3, 40, dtype=torch.bfloat16), torch.empty(40, 3).t(), torch.empty(3, 41),
+                torch.empty(2, 40), torch.empty(3, 40, device="meta")):
+        with pytest.raises(ValueError, match=r"out must be a contiguous CPU float32 \[3, 40\]"):
+            bound(x, bad)
+    out = torch.empty(3, 40)
+    assert bound(x, out) is out and torch.equal(out, ref)
 
 
 def test_gemv_multi_bad_input():
