@@ -9,6 +9,7 @@ socket). The compute loop never blocks on a socket.
 
 from __future__ import annotations
 
+import gc
 import os
 import queue
 import signal
@@ -131,7 +132,12 @@ class ServiceIO:
 
 def run_service(role: str, name: str, cfg, make: Callable[[], object]) -> int:
     """A daemon's life: build it (a failure is one clear log line and exit status 1), report
-    ready, run its event loop until SIGTERM/SIGINT, report stopping, close it."""
+    ready, run its event loop until SIGTERM/SIGINT, report stopping, close it.
+
+    What the build made (the model, its modules and tables, every import) is frozen out of the
+    garbage collector before serving: a full collection of a process with the services imported
+    (about 200,000 objects) took 45-50 ms here, a decode step's worth, at a time nobody chooses;
+    after ``gc.freeze()`` one walks only what serving made since."""
     from shared import log as logging
 
     set_title(f"hm-{name}")
@@ -140,6 +146,8 @@ def run_service(role: str, name: str, cfg, make: Callable[[], object]) -> int:
     except Exception as e:
         logging.setup(role, cfg.log_format, cfg.log_level, name=name).error("cannot start", error=str(e))
         return 1
+    gc.collect()
+    gc.freeze()
     notify("READY=1")
     service.log.info("serving", pid=os.getpid())
     try:

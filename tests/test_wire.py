@@ -269,3 +269,38 @@ def test_shared_weights_stream_to_cuda_from_the_shared_pages(tiny_models, tmp_pa
         a.close()
     finally:
         weight_store.unlink(manifest)
+
+
+def test_run_service_freezes_what_the_build_made_before_serving(monkeypatch):
+    """A daemon's startup objects leave the garbage collector's view before it reports ready (a
+    full collection over them cost a decode step's time); a failed build exits 1 without serving."""
+    import gc
+
+    from shared import service
+
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    seen = {}
+
+    class Fake:
+        log = type("Log", (), {"info": staticmethod(lambda *a, **k: None)})()
+
+        def event_loop(self):
+            seen["frozen"] = gc.get_freeze_count()
+
+        def close(self):
+            seen["closed"] = True
+
+    gc.unfreeze()
+    cfg = Config()
+    try:
+        assert gc.get_freeze_count() == 0
+        assert service.run_service("decode", "decode-test", cfg, Fake) == 0
+        assert seen["frozen"] > 0 and seen["closed"]
+    finally:
+        gc.unfreeze()
+
+    def fail():
+        raise RuntimeError("no model")
+
+    assert service.run_service("decode", "decode-test", cfg, fail) == 1
+    assert gc.get_freeze_count() == 0
