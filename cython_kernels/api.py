@@ -88,7 +88,7 @@ def _check_scale(s: torch.Tensor | None, shape: tuple, dtype: torch.dtype, what:
 
 def _is_f32_matrix(t: torch.Tensor, cols: int, rows: int | None = None) -> bool:
     """Whether t is a contiguous CPU float32 [rows, cols] tensor (any rows >= 1 where None), in
-    five tensor attributes. A decode step's calls run right after kernels that streamed megabytes
+    four tensor attributes. A decode step's calls run right after kernels that streamed megabytes
     through the caches, where each torch call costs microseconds: a 16 x 7168 FP8 GEMV called
     right after a 64 MB read took 38-50 us with the former checks (``x.float().contiguous()``,
     ``device.type``, a ``torch.empty`` for the prepared activations, which now go in the C side's

@@ -128,9 +128,10 @@ static void hm_gemv_rows(int variant, const hm_weight *w, const void *xp, const 
  * fork and join instead of one per weight (decode's q, k and v projections). Any number of
  * tokens: past HM_MAX_TOKENS they run in segments of that many, each row tile going through all
  * segments while its rows are in cache, so the weights are read from memory once a call (a
- * prefill chunk's FP8 linears, multiplied as stored). Returns 0, or -1 if the weights differ in
- * format, group or columns. xp has room for T x cols prepared elements. The kernel layouts use the
- * calling thread's arena (hm_scratch), so no caller may hold arena memory across this call. */
+ * prefill chunk's FP8 linears, multiplied as stored). Returns 0, -1 if the weights differ in
+ * format, group or columns, -2 if memory ran out. xp has room for T x cols prepared elements, or
+ * is NULL: then they go in the calling thread's arena (hm_scratch), as the kernel layouts do, so
+ * no caller may hold arena memory across this call (and a Python caller allocates nothing). */
 static int hm_gemv_multi(int variant, const hm_weight *ws, int n, const float *x, int T, float *y, void *xp,
                          int nthreads) {
     int64_t ldy = 0, tiles = 0;
