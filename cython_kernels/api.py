@@ -102,12 +102,16 @@ def _activations(x: torch.Tensor, cols: int, what: str, max_tokens: int | None =
     """x [T, cols] (or [cols]) fp32/bf16 -> a contiguous fp32 [T, cols] tensor; 1 to ``max_tokens``
     rows (None: any number).
 
-    A contiguous fp32 [T, cols] CPU tensor, decode's usual case, is checked with the fewest
-    tensor attributes and handed back as it is: each torch call costs microseconds when a kernel
-    that streamed megabytes has just evicted the interpreter's working set (see
-    :func:`_is_f32_matrix`)."""
+    A well-formed 2-D CPU x, decode's usual case, is checked with the fewest tensor attributes
+    (an fp32 contiguous one handed back as it is, a bf16 one widened in one call): each torch call
+    costs microseconds when a kernel that streamed megabytes has just evicted the interpreter's
+    working set (see :func:`_is_f32_matrix`). Anything else takes the full checks below."""
     if _is_f32_matrix(x, cols) and (max_tokens is None or x.shape[0] <= max_tokens):
         return x
+    shape = x.shape
+    if (x.dtype is torch.bfloat16 and len(shape) == 2 and shape[1] == cols and 1 <= shape[0]
+            and (max_tokens is None or shape[0] <= max_tokens) and x.is_cpu):
+        return x.to(torch.float32, memory_format=torch.contiguous_format)
     if x.dim() == 1:
         x = x.unsqueeze(0)
     if x.dim() != 2 or x.shape[1] != cols:

@@ -789,8 +789,9 @@ def test_kernel_bench_timing_loops_run_the_kernel_and_the_read():
 
 def test_bound_gemv_quick_checks_refuse_what_the_full_ones_do():
     """A bound GEMV checks x and out with a few tensor attributes (api._is_f32_matrix) and takes a
-    contiguous fp32 x as it is; anything else still goes through the full checks: converted
-    where it can be (bf16, strided, one row), refused with the same errors where not."""
+    contiguous fp32 x as it is (a 2-D bf16 one widened in one call); anything else still goes
+    through the full checks: converted where it can be (strided, one row), refused with the same
+    errors where not."""
     g = torch.Generator().manual_seed(4)
     w = _q(torch.randn(40, 256, generator=g) * 0.05, "fp8_b128")
     bound = api.Gemv([w], threads=2)
@@ -800,11 +801,16 @@ def test_bound_gemv_quick_checks_refuse_what_the_full_ones_do():
     strided = torch.randn(256, 3, generator=g).t()  # [3, 256], not contiguous
     assert not strided.is_contiguous()
     assert torch.equal(bound(strided), bound(strided.contiguous()))
+    widened = api._activations(strided.bfloat16(), 256, "t", max_tokens=None)
+    assert widened.is_contiguous() and widened.dtype == torch.float32
+    assert torch.equal(widened, strided.bfloat16().float())
+    assert torch.equal(bound(strided.bfloat16()), bound(strided.bfloat16().float()))
     assert torch.equal(bound(x[1]), bound(x[1:2]))  # one row given as a vector
     with pytest.raises(ValueError, match="1 to 4 tokens per call"):
         api._activations(torch.randn(5, 256), 256, "t", max_tokens=4)
-    with pytest.raises(ValueError, match="on the CPU"):
-        bound(torch.empty(1, 256, device="meta"))
+    for dtype in (torch.float32, torch.bfloat16):
+        with pytest.raises(ValueError, match="on the CPU"):
+            bound(torch.empty(1, 256, dtype=dtype, device="meta"))
     with pytest.raises(ValueError, match="float32 or bfloat16"):
         bound(x.half())
     for bad in (torch.empty(3, 40, dtype=torch.bfloat16), torch.empty(40, 3).t(), torch.empty(3, 41),

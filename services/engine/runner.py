@@ -168,8 +168,9 @@ class KernelLinears:
             if len(self._bound) >= self.MAX_BOUND:  # (weights made per call would otherwise pile up)
                 self._bound.clear()
             g = self._bound[key] = self._bind(ws)
-        if g is None or x.device.type != "cpu" or x.dtype not in (torch.bfloat16, torch.float32) \
-                or x.shape[-1] != g.cols:
+        # (is_cpu, not device.type: a device object costs microseconds in a decode step's cold
+        # caches, see cython_kernels.api._is_f32_matrix)
+        if g is None or not x.is_cpu or x.dtype not in (torch.bfloat16, torch.float32) or x.shape[-1] != g.cols:
             return None
         rows = x.reshape(-1, g.cols)
         n, dense = rows.shape[0], g.weights[0].fmt == "dense"
