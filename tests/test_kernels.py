@@ -767,8 +767,8 @@ def test_gemv_past_64_tokens_equals_its_segments(variant, fmt):
 
 
 def test_kernel_bench_timing_loops_run_the_kernel_and_the_read():
-    """The bench's C timing loops (timing.h): the GEMV loop really calls the kernel over every copy
-    (the output is the last copy's product); the read loop times a read of the spans."""
+    """The bench's C timing loops (timing.h): the GEMV loop calls the kernel on the copies in turn
+    (the output is the last one's product); the read loop times a read of the spans."""
     from cython_kernels import bench
 
     g = torch.Generator().manual_seed(5)

@@ -276,13 +276,16 @@ def test_run_service_freezes_what_the_build_made_before_serving(monkeypatch):
     full collection over them cost a decode step's time); a failed build exits 1 without serving."""
     import gc
 
-    from shared import service
+    from shared import log, service
 
+    quiet = type("Log", (), {"info": staticmethod(lambda *a, **k: None), "error": staticmethod(lambda *a, **k: None)})()
     monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setattr(service, "set_title", lambda title: None)  # (not this test process's name)
+    monkeypatch.setattr(log, "setup", lambda *a, **k: quiet)  # (nor its structlog configuration)
     seen = {}
 
     class Fake:
-        log = type("Log", (), {"info": staticmethod(lambda *a, **k: None)})()
+        log = quiet
 
         def event_loop(self):
             seen["frozen"] = gc.get_freeze_count()
