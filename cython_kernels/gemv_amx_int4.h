@@ -519,6 +519,7 @@ HM_AMX8 static inline __attribute__((always_inline)) void hm_rows16_int4_amx8_gp
     const int32_t(*sl)[16] = (const int32_t(*)[16])(O + nb * 16), *sreg = sl[16];
     const uint16_t *sc = (const uint16_t *)w->scale + r0 * groups;
     const __m512i nib = _mm512_set1_epi8(0x0f);
+    const int ahead = w->cols / 2 >= 2 * HM_AMX_ROWS_AHEAD;
     hm_amx_config(NC);
     uint8_t a[2][2][16 * 64] __attribute__((aligned(64)));
     int32_t cb[2][16 * 16] __attribute__((aligned(64)));
@@ -551,6 +552,7 @@ HM_AMX8 static inline __attribute__((always_inline)) void hm_rows16_int4_amx8_gp
             }
         }
         if (k < nb) { /* decode block k: low nibbles (even columns) and high nibbles (odd) */
+            if (ahead) hm_prefetch_rows_ahead(w, r0, w->cols / 2, k * 64, 1);
             for (int n = 0; n < 16; n++) {
                 const uint8_t *row = w->data + (r0 + n) * (w->cols / 2) + k * 64;
                 _mm_prefetch((const char *)(row + HM_INT4_AMX_PREFETCH), _MM_HINT_T0);
