@@ -145,7 +145,9 @@ static inline __attribute__((always_inline)) void hm_prefetch_next_heads(const h
  * 4-6 % faster and 2048 x 7168 2-3 %, at 2 tokens 2048 x 7168 5 %, at 8 tokens 0.5-3 %. The same
  * in the FP8 and bf16-tile INT4 kernels went both ways (FP8 3 % faster at 4 tokens and up to 4 %
  * slower at 16; INT4 on bf16 tiles up to 5 % slower on 2048 x 7168), so they go without. */
+#ifndef HM_AMX_ROWS_AHEAD
 #define HM_AMX_ROWS_AHEAD 512
+#endif
 static inline __attribute__((always_inline)) void hm_prefetch_rows_ahead(const hm_weight *w, int64_t r0, int64_t rb,
                                                                         int64_t off, int lines) {
     int64_t at = off + HM_AMX_ROWS_AHEAD, rr = r0;
