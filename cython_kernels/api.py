@@ -86,16 +86,22 @@ def _check_scale(s: torch.Tensor | None, shape: tuple, dtype: torch.dtype, what:
         raise ValueError(f"{what}: scales must be contiguous CPU memory")
 
 
-def _is_f32_matrix(t: torch.Tensor, cols: int, rows: int | None = None) -> bool:
-    """Whether t is a contiguous CPU float32 [rows, cols] tensor (any rows >= 1 where None), in
-    four tensor attributes. A decode step's calls run right after kernels that streamed megabytes
-    through the caches, where each torch call costs microseconds: a 16 x 7168 FP8 GEMV called
-    right after a 64 MB read took 38-50 us with the former checks (``x.float().contiguous()``,
-    ``device.type``, a ``torch.empty`` for the prepared activations, which now go in the C side's
-    arena), 24-29 us with these, 19-23 us for the C call alone (warm: 14.0, 11.5, 10.2)."""
+def _cpu_rows(t: torch.Tensor, cols: int, dtype: torch.dtype) -> int:
+    """t's row count if it is a CPU [rows >= 1, cols] tensor of ``dtype``, else 0, in three tensor
+    attributes. A decode step's calls run right after kernels that streamed megabytes through the
+    caches, where each torch call costs microseconds: a 16 x 7168 FP8 GEMV called right after a
+    64 MB read took 38-50 us with the former checks (``x.float().contiguous()``, ``device.type``,
+    a ``torch.empty`` for the prepared activations, which now go in the C side's arena), 24-29 us
+    with these, 19-23 us for the C call alone (warm: 14.0, 11.5, 10.2)."""
     shape = t.shape
-    return (t.dtype is torch.float32 and len(shape) == 2 and shape[1] == cols and shape[0] >= 1
-            and (rows is None or shape[0] == rows) and t.is_cpu and t.is_contiguous())
+    return shape[0] if (t.dtype is dtype and len(shape) == 2 and shape[1] == cols and shape[0] >= 1
+                        and t.is_cpu) else 0
+
+
+def _is_f32_matrix(t: torch.Tensor, cols: int, rows: int | None = None) -> bool:
+    """Whether t is a contiguous CPU float32 [rows, cols] tensor (any rows >= 1 where None)."""
+    n = _cpu_rows(t, cols, torch.float32)
+    return n > 0 and (rows is None or n == rows) and t.is_contiguous()
 
 
 def _activations(x: torch.Tensor, cols: int, what: str, max_tokens: int | None = MAX_TOKENS) -> torch.Tensor:
@@ -105,12 +111,11 @@ def _activations(x: torch.Tensor, cols: int, what: str, max_tokens: int | None =
     A well-formed 2-D CPU x, decode's usual case, is checked with the fewest tensor attributes
     (an fp32 contiguous one handed back as it is, a bf16 one widened in one call): each torch call
     costs microseconds when a kernel that streamed megabytes has just evicted the interpreter's
-    working set (see :func:`_is_f32_matrix`). Anything else takes the full checks below."""
-    if _is_f32_matrix(x, cols) and (max_tokens is None or x.shape[0] <= max_tokens):
-        return x
-    shape = x.shape
-    if (x.dtype is torch.bfloat16 and len(shape) == 2 and shape[1] == cols and 1 <= shape[0]
-            and (max_tokens is None or shape[0] <= max_tokens) and x.is_cpu):
+    working set (see :func:`_cpu_rows`). Anything else takes the full checks below."""
+    n = _cpu_rows(x, cols, x.dtype) if x.dtype in (torch.float32, torch.bfloat16) else 0
+    if n and (max_tokens is None or n <= max_tokens):
+        if x.dtype is torch.float32:  # (to() with the same dtype hands back x, strides and all)
+            return x.contiguous()
         return x.to(torch.float32, memory_format=torch.contiguous_format)
     if x.dim() == 1:
         x = x.unsqueeze(0)

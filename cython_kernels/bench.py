@@ -159,7 +159,7 @@ def kernel_seconds(bound: list[api.Gemv], x: torch.Tensor, out: torch.Tensor, th
     ws = [w for b in bound for w in b._wts]
     if len(ws) != len(bound):
         raise ValueError("bench: one weight per binding")
-    code = _kernels.VARIANT_CODES[variant]
+    code = api._variant_code(variant)
     return min(_kernels.time_gemv(code, ws, x.data_ptr(), x.shape[0], out.data_ptr(), threads, PASS_SECONDS)
                for _ in range(passes))
 

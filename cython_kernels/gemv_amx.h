@@ -137,27 +137,27 @@ static inline __attribute__((always_inline)) void hm_prefetch_next_heads(const h
         _mm_prefetch(next + (q / (HM_AMX_NEXT_HEAD / 64)) * rb + (q % (HM_AMX_NEXT_HEAD / 64)) * 64, _MM_HINT_T1);
 }
 
-/* In each of the 16 rows of the tile at r0 (rb bytes a row), the `lines` lines HM_AMX_ROWS_AHEAD
- * bytes past this step's offset `off` into L2; past a row's end, the same place in the next tile's
- * rows (contiguous after this tile's, and usually this thread's next tile). For rows of at least
- * twice the distance (the caller checks; shorter ones are left to the next heads). Used by the AMX-INT8 INT4 kernel, whose few-token
- * steps are short: from DRAM (probe, 2 threads, one process alternating) at 4 tokens 7168 x 2048
- * 4-6 % faster and 2048 x 7168 2-3 %, at 2 tokens 2048 x 7168 5 %, at 8 tokens 0.5-3 %. The same
- * in the FP8 and bf16-tile INT4 kernels went both ways (FP8 3 % faster at 4 tokens and up to 4 %
- * slower at 16; INT4 on bf16 tiles up to 5 % slower on 2048 x 7168), so they go without. */
+/* In each of the 16 rows of the tile at r0 (rb bytes a row), the line HM_AMX_ROWS_AHEAD bytes past
+ * this step's offset `off` into L2; past a row's end, the same place in the next tile's rows
+ * (contiguous after this tile's, and usually this thread's next tile). For rows of at least twice
+ * the distance (the caller checks, once per tile; shorter ones are left to the next heads). Used by
+ * the AMX-INT8 INT4 kernel, whose few-token steps are short: from DRAM (probe, 2 threads, one
+ * process alternating) at 4 tokens 7168 x 2048 4-9 % faster and 2048 x 7168 1-3 %, at 2 tokens
+ * 2048 x 7168 2-5 %, at 8 tokens 1-3 %. The same in the FP8 and bf16-tile INT4 kernels went both
+ * ways (FP8 3 % faster at 4 tokens and up to 4 % slower at 16; INT4 on bf16 tiles up to 5 % slower
+ * on 2048 x 7168), so they go without. */
 #ifndef HM_AMX_ROWS_AHEAD
 #define HM_AMX_ROWS_AHEAD 512
 #endif
 static inline __attribute__((always_inline)) void hm_prefetch_rows_ahead(const hm_weight *w, int64_t r0, int64_t rb,
-                                                                        int64_t off, int lines) {
+                                                                        int64_t off) {
     int64_t at = off + HM_AMX_ROWS_AHEAD, rr = r0;
     if (at >= rb) {
         at -= rb, rr = r0 + 16;
         if (rr + 16 > w->rows) return;
     }
     const char *p = (const char *)w->data + rr * rb + at;
-    for (int n = 0; n < 16; n++)
-        for (int l = 0; l < lines; l++) _mm_prefetch(p + n * rb + 64 * l, _MM_HINT_T1);
+    for (int n = 0; n < 16; n++) _mm_prefetch(p + n * rb, _MM_HINT_T1);
 }
 
 #include "gemv_amx_int4.h"

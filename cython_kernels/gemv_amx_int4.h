@@ -552,7 +552,7 @@ HM_AMX8 static inline __attribute__((always_inline)) void hm_rows16_int4_amx8_gp
             }
         }
         if (k < nb) { /* decode block k: low nibbles (even columns) and high nibbles (odd) */
-            if (ahead) hm_prefetch_rows_ahead(w, r0, w->cols / 2, k * 64, 1);
+            if (ahead) hm_prefetch_rows_ahead(w, r0, w->cols / 2, k * 64);
             for (int n = 0; n < 16; n++) {
                 const uint8_t *row = w->data + (r0 + n) * (w->cols / 2) + k * 64;
                 _mm_prefetch((const char *)(row + HM_INT4_AMX_PREFETCH), _MM_HINT_T0);

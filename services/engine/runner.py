@@ -169,7 +169,7 @@ class KernelLinears:
                 self._bound.clear()
             g = self._bound[key] = self._bind(ws)
         # (is_cpu, not device.type: a device object costs microseconds in a decode step's cold
-        # caches, see cython_kernels.api._is_f32_matrix)
+        # caches, see cython_kernels.api._cpu_rows)
         if g is None or not x.is_cpu or x.dtype not in (torch.bfloat16, torch.float32) or x.shape[-1] != g.cols:
             return None
         rows = x.reshape(-1, g.cols)
